@@ -1,0 +1,318 @@
+"""The TopK sparse autoencoder of Gao et al. (2024), "Scaling and Evaluating Sparse Autoencoders".
+
+With ``s`` the stored input scale (1 until training sets one) and ``x`` a row of activations:
+
+    x' = s * x                                        (input normalisation, travels with the SAE)
+    z  = ReLU(TopK(W_enc (x' - b_dec) + b_enc))       (only the k largest pre-activations survive)
+    x_hat' = W_dec^T z + b_dec                        (decoded from the k active rows only)
+    x_hat  = x_hat' / s
+
+``b_dec`` is the paper's ``b_pre``: subtracted before encoding and added back after decoding.
+The loss is the fraction of variance unexplained (normalised MSE, no L1 term):
+
+    fvu = sum ||x' - x_hat'||^2 / sum ||x' - mean(x')||^2      (sums over the batch)
+
+which equals the same ratio in the original units because ``s`` is a scalar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+CFG_NAME = "cfg.json"
+WEIGHTS_NAME = "sae.safetensors"
+FORMAT = "saehook.topk"
+FORMAT_VERSION = 1
+
+
+class Codes(NamedTuple):
+    """The sparse code of a batch: k active latents per row."""
+
+    values: Tensor
+    """``[..., k]`` non-negative activations (ReLU applied after TopK)."""
+    indices: Tensor
+    """``[..., k]`` int64 latent indices, in descending order of pre-activation."""
+
+
+class SAEOutput(NamedTuple):
+    """Everything one forward pass of a :class:`TopKSAE` produces."""
+
+    x_hat: Tensor
+    """``[..., d_in]`` reconstruction in the input's units."""
+    codes: Codes
+    """The k active latents per row."""
+    fvu: Tensor
+    """Scalar fraction of variance unexplained of the main TopK reconstruction."""
+    auxk_fvu: Tensor | None = None
+    """AuxK loss: FVU of reconstructing the residual ``x - x_hat`` from the top ``k_aux`` dead latents
+    (None when no dead mask was given or no latent is dead)."""
+    multi_topk_fvu: Tensor | None = None
+    """FVU of the reconstruction from the top ``4k`` latents (Multi-TopK; None when disabled)."""
+
+
+class SAEConfigError(ValueError):
+    """An autoencoder configuration or checkpoint that cannot be used, with the reason."""
+
+
+def _check_sizes(d_in: int, n_latents: int, k: int) -> None:
+    for name, v in (("d_in", d_in), ("n_latents", n_latents), ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise SAEConfigError(f"{name} must be a positive integer, got {v!r}")
+    if k > n_latents:
+        raise SAEConfigError(f"k={k} is larger than n_latents={n_latents}: TopK needs k <= n_latents")
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained: ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over rows."""
+    x2 = x.reshape(-1, x.shape[-1])
+    err = (x2 - x_hat.reshape(x2.shape)).pow(2).sum()
+    var = (x2 - x2.mean(0)).pow(2).sum()
+    return err / var.clamp_min(torch.finfo(var.dtype).tiny)
+
+
+class TopKSAE(nn.Module):
+    """A TopK sparse autoencoder with tied (parallel) initialisation.
+
+    Args:
+        d_in: width of the activations it reads (the hookpoint's hidden size).
+        n_latents: number of latents (dictionary size).
+        k: number of active latents per row.
+        multi_topk: also train the top ``4k`` reconstruction (loss ``L(k) + L(4k)/8``), which makes
+            the code usable at other k at test time.
+        dtype, device: of the parameters (default float32 on CPU).
+
+    Parameters: ``W_enc [n_latents, d_in]``, ``b_enc [n_latents]``, ``W_dec [n_latents, d_in]``,
+    ``b_dec [d_in]``; buffer ``input_scale`` (scalar, 1 = no normalisation).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        k: int,
+        *,
+        multi_topk: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_sizes(d_in, n_latents, k)
+        self.d_in, self.n_latents, self.k, self.multi_topk = d_in, n_latents, k, bool(multi_topk)
+        kw = dict(dtype=dtype or torch.float32, device=device)
+        # Paper init: decoder rows are random unit vectors, the encoder starts parallel to them.
+        W_dec = torch.randn(n_latents, d_in, **kw)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n_latents, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        self.register_buffer("input_scale", torch.ones((), **kw))
+        self.metadata: dict = {}
+        """Free-form JSON-serialisable facts saved in cfg.json (model, hookpoint, tokens trained...)."""
+
+    # ------------------------------------------------------------------ the math
+    def _check_width(self, x: Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"input width {x.shape[-1]} does not match the autoencoder's d_in={self.d_in} "
+                f"(input shape {tuple(x.shape)})"
+            )
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """``W_enc (s x - b_dec) + b_enc``: the dense ``[..., n_latents]`` pre-activations."""
+        self._check_width(x)
+        x = x.to(self.W_enc.dtype) * self.input_scale
+        return F.linear(x - self.b_dec, self.W_enc, self.b_enc)
+
+    def _topk(self, pre: Tensor, k: int) -> Codes:
+        values, indices = pre.topk(k, dim=-1, sorted=True)
+        return Codes(values.relu(), indices)  # ReLU on the k survivors only
+
+    def encode(self, x: Tensor, k: int | None = None) -> Codes:
+        """``x [..., d_in] -> Codes(values [..., k], indices [..., k])``; ``k`` defaults to ``self.k``."""
+        return self._topk(self.pre_acts(x), k or self.k)
+
+    def _decode_normalised(self, codes: Codes, bias: bool = True) -> Tensor:
+        # sum_j values[j] * W_dec[indices[j]] via embedding_bag: touches only the k active rows.
+        shape = codes.indices.shape
+        idx = codes.indices.reshape(-1, shape[-1])
+        vals = codes.values.reshape(-1, shape[-1]).to(self.W_dec.dtype)
+        out = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
+        out = out.reshape(*shape[:-1], self.d_in)
+        return out + self.b_dec if bias else out
+
+    def decode(self, codes: Codes) -> Tensor:
+        """``Codes -> x_hat [..., d_in] = (W_dec^T z + b_dec) / s``, from the k active rows only."""
+        return self._decode_normalised(codes) / self.input_scale
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None) -> SAEOutput:
+        """Encode, decode and measure. With ``dead_mask [n_latents]`` (bool), also the AuxK loss:
+
+        ``e = x' - x_hat'`` (detached), ``e_hat = W_dec^T TopK_{k_aux}(dead pre-activations)``,
+        ``auxk_fvu = ||e - e_hat||^2 / ||e - mean(e)||^2``. ``k_aux`` defaults to ``d_in // 2``.
+        """
+        pre = self.pre_acts(x)
+        xn = x.to(pre.dtype) * self.input_scale
+        k_big = min(4 * self.k, self.n_latents) if self.multi_topk else self.k
+        big = self._topk(pre, k_big)
+        codes = Codes(big.values[..., : self.k], big.indices[..., : self.k])
+        xn_hat = self._decode_normalised(codes)
+        main = fvu(xn, xn_hat)
+
+        multi = fvu(xn, self._decode_normalised(big)) if self.multi_topk else None
+
+        auxk = None
+        if dead_mask is not None:
+            n_dead = int(dead_mask.sum())
+            if n_dead > 0:
+                k_aux = min(k_aux or self.d_in // 2, n_dead)
+                dead_pre = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
+                aux_codes = self._topk(dead_pre, k_aux)
+                e = (xn - xn_hat).detach()
+                auxk = fvu(e, self._decode_normalised(aux_codes, bias=False))
+        return SAEOutput(xn_hat / self.input_scale, codes, main, auxk, multi)
+
+    # ------------------------------------------------------------------ in-place maintenance
+    @torch.no_grad()
+    def unit_norm_decoder_(self) -> None:
+        """Rescale every decoder row to unit L2 norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad_(self) -> None:
+        """Project out of ``W_dec.grad`` the component parallel to each (unit) decoder row:
+        ``g_i <- g_i - (g_i . w_i) w_i``, so the Adam step does not fight the renormalisation."""
+        if self.W_dec.grad is None:
+            return
+        w, g = self.W_dec, self.W_dec.grad
+        g -= (g * w).sum(dim=1, keepdim=True) * w
+
+    @torch.no_grad()
+    def set_input_scale_(self, x: Tensor) -> float:
+        """Set the scalar input scale from a sample ``x [N, d_in]`` so that ``E ||s x||^2 = d_in``
+        (rows then have RMS 1 per dimension, whatever the model's residual norm). Returns ``s``."""
+        self._check_width(x)
+        x = x.reshape(-1, self.d_in).float()
+        s = math.sqrt(self.d_in / x.pow(2).sum(-1).mean().item())
+        if not math.isfinite(s) or s <= 0:
+            raise ValueError(f"cannot set an input scale from this sample (got scale {s})")
+        self.input_scale.fill_(s)
+        return s
+
+    @torch.no_grad()
+    def init_b_dec_(self, x: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
+        """Set ``b_dec`` to the geometric median of ``s x`` for a sample ``x [N, d_in]`` (Weiszfeld)."""
+        self._check_width(x)
+        xn = x.reshape(-1, self.d_in).to(self.b_dec) * self.input_scale
+        self.b_dec.copy_(geometric_median(xn, max_iter=max_iter, tol=tol))
+        return self.b_dec
+
+    # ------------------------------------------------------------------ persistence
+    def config(self) -> dict:
+        """The JSON-serialisable configuration written to ``cfg.json``."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "d_in": self.d_in,
+            "n_latents": self.n_latents,
+            "k": self.k,
+            "multi_topk": self.multi_topk,
+            "dtype": str(self.W_enc.dtype).removeprefix("torch."),
+            "input_scale": float(self.input_scale),
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/cfg.json`` and ``path/sae.safetensors`` (nothing pickled).
+
+        Each file is written to a temporary name, flushed to disk and renamed over the old one,
+        so a crash mid-save leaves the previous checkpoint readable.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items()}
+        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+        text = json.dumps(self.config(), indent=2, sort_keys=True)
+        _atomic_write(path / CFG_NAME, lambda tmp: Path(tmp).write_text(text))
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> TopKSAE:
+        """Load a directory written by :meth:`save`, validating the config and every tensor shape."""
+        path = Path(path)
+        cfg_file, w_file = path / CFG_NAME, path / WEIGHTS_NAME
+        for f in (cfg_file, w_file):
+            if not f.is_file():
+                found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "no such directory"
+                raise FileNotFoundError(f"{f} is missing; found in {path}: {found}")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise SAEConfigError(f"{cfg_file} is not valid JSON ({e})") from None
+        missing = [key for key in ("d_in", "n_latents", "k") if key not in cfg]
+        if missing:
+            raise SAEConfigError(f"{cfg_file} lacks {missing}; it has {sorted(cfg)}")
+        if cfg.get("format", FORMAT) != FORMAT:
+            raise SAEConfigError(f"{cfg_file} has format {cfg['format']!r}, expected {FORMAT!r}")
+        try:
+            tensors = load_file(w_file)
+        except (SafetensorError, OSError) as e:
+            raise SAEConfigError(f"{w_file} is unreadable or truncated ({e})") from None
+        file_dtype = getattr(torch, cfg.get("dtype", "float32"), torch.float32)
+        sae = cls(cfg["d_in"], cfg["n_latents"], cfg["k"], multi_topk=cfg.get("multi_topk", False),
+                  dtype=dtype or file_dtype, device="meta")
+        expected = {n: tuple(t.shape) for n, t in sae.state_dict().items()}
+        got = {n: tuple(t.shape) for n, t in tensors.items()}
+        if expected != got:
+            diff = {n: (expected.get(n), got.get(n)) for n in expected.keys() | got.keys()
+                    if expected.get(n) != got.get(n)}
+            raise SAEConfigError(
+                f"{w_file} does not match {cfg_file} (d_in={cfg['d_in']}, n_latents={cfg['n_latents']}): "
+                f"tensor (expected shape, file shape): {diff}"
+            )
+        sae = sae.to_empty(device=device or "cpu")
+        sae.load_state_dict({n: t.to(dtype or file_dtype) for n, t in tensors.items()})
+        sae.metadata = dict(cfg.get("metadata", {}))
+        return sae
+
+    def extra_repr(self) -> str:
+        return (f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}, multi_topk={self.multi_topk}, "
+                f"input_scale={float(self.input_scale):.4g}")
+
+
+def _atomic_write(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def geometric_median(x: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
+    """The point minimising ``sum_i ||x_i - m||`` (Weiszfeld iterations from the mean), ``x [N, d]``."""
+    x = x.float()
+    m = x.mean(0)
+    for _ in range(max_iter):
+        w = 1.0 / (x - m).norm(dim=1).clamp_min(1e-8)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        done = (new - m).norm() <= tol * m.norm().clamp_min(1.0)
+        m = new
+        if done:
+            break
+    return m
