@@ -5,7 +5,23 @@ single latents during generation. The method is Gao et al. (2024), "Scaling and 
 Autoencoders".
 """
 
+from . import corpus
+from .corpus import Corpus
+from .hooks import Hooked, attach
+from .models import load_model
 from .sae import Codes, SAEConfigError, SAEOutput, TopKSAE, fvu, geometric_median
 
-__all__ = ["Codes", "SAEConfigError", "SAEOutput", "TopKSAE", "fvu", "geometric_median"]
+__all__ = [
+    "Codes",
+    "Corpus",
+    "Hooked",
+    "SAEConfigError",
+    "SAEOutput",
+    "TopKSAE",
+    "attach",
+    "corpus",
+    "fvu",
+    "geometric_median",
+    "load_model",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""What the sub-contexts of :class:`saehook.Hooked` do to a hookpoint's activation.
+
+Let ``x`` be the hookpoint activation, ``s`` the autoencoder's input scale, ``z`` its code of ``x`` and
+``x_hat`` its reconstruction. Every edit maps the current value ``y`` (initially ``x``) to a new one,
+only at the positions it is restricted to:
+
+- splice:               ``y <- x_hat``                 (plain)
+- splice(keep_error):   ``y <- x_hat + (x - x_hat)``   (numerically ``x``; the SAE is in the graph)
+- steer (add):          ``y <- y + sum_j v_j W_dec[j] / s``
+- steer (clamp):        ``y <- y + sum_j (v_j - z_j) W_dec[j] / s``   (latent j set to v_j, error kept)
+- ablate:               ``y <- y - sum_j z_j W_dec[j] / s``           (its share removed, error kept)
+
+``v_j`` is in the units of the latent's activation, so clamping latent ``j`` to ``v`` and adding ``v`` to
+a latent that is not firing give the same vector; with the default scale ``s = 1`` steering adds exactly
+``v * W_dec[j]``. Clamp and ablate are computed from the code of the clean activation ``x``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from .sae import Codes, TopKSAE
+
+Positions = Union[None, int, slice, Sequence[int], str]
+"""``None``: every position. ``int`` n: positions >= n. ``slice`` / list of ints: those positions.
+``"generated"``: tokens after the prompt of the first (prefill) forward seen in the context.
+Positions are token positions as the model numbers them (its ``position_ids``), so with left padding
+position 0 is each row's first real token."""
+
+
+@dataclass
+class Edit:
+    kind: str
+    """``"splice"``, ``"add"``, ``"clamp"`` or ``"ablate"``."""
+    targets: dict
+    """key -> ``(latent indices [m], values [m])`` (values unused for ablate; empty for splice)."""
+    keep_error: bool = False
+    positions: Positions = None
+    prompt_len: Tensor | None = field(default=None, repr=False)
+    """Per-row prompt length, learnt at the first prefill when ``positions == "generated"``."""
+
+    def mask(self, pos: Tensor) -> Tensor | None:
+        """Bool ``[B, T, 1]`` (or ``[1, T, 1]``) of positions this edit applies to, None for all."""
+        p = self.positions
+        if p is None:
+            return None
+        if isinstance(p, str):  # "generated"
+            if pos.shape[-1] > 1 and int(pos.min()) == 0:  # a prefill: remember where the prompt ends
+                self.prompt_len = pos.max(-1).values + 1
+            if self.prompt_len is None:
+                return None
+            plen = self.prompt_len if self.prompt_len.shape[0] == pos.shape[0] else self.prompt_len.max()
+            m = pos >= plen.reshape(-1, 1) if plen.dim() else pos >= plen
+        elif isinstance(p, int):
+            m = pos >= p
+        elif isinstance(p, slice):
+            start, stop = p.start or 0, p.stop if p.stop is not None else 1 << 62
+            m = (pos >= start) & (pos < stop)
+            if p.step not in (None, 1):
+                m &= (pos - start) % p.step == 0
+        else:
+            m = torch.isin(pos, torch.as_tensor(list(p), device=pos.device))
+        return m.unsqueeze(-1)
+
+    def apply(self, key, sae: TopKSAE, x: Tensor, y: Tensor, codes: Codes | None, x_hat: Tensor | None) -> Tensor:
+        """The new value of ``y [..., d]`` at this edit's positions (before masking)."""
+        if self.kind == "splice":
+            return x_hat + (x - x_hat) if self.keep_error else x_hat
+        idx, vals = self.targets[key]
+        W = sae.W_dec[idx] / sae.input_scale  # [m, d]
+        if self.kind == "add":
+            return y + vals.to(W.dtype) @ W
+        # clamp / ablate: current activation of each target latent, 0 where it is not among the top k
+        hit = codes.indices.unsqueeze(-1) == idx  # [..., k, m]
+        current = (hit * codes.values.unsqueeze(-1)).sum(-2)  # [..., m]
+        target = vals.to(W.dtype) if self.kind == "clamp" else torch.zeros_like(current)
+        return y + (target - current) @ W
+
+
+def check_positions(positions: Positions) -> None:
+    if positions is None or isinstance(positions, (slice, int)) and not isinstance(positions, bool):
+        return
+    if isinstance(positions, str):
+        if positions != "generated":
+            raise ValueError(f"positions={positions!r}: the only named choice is 'generated'")
+        return
+    if isinstance(positions, Sequence) and all(isinstance(p, int) for p in positions):
+        return
+    raise TypeError(f"positions must be None, an int, a slice, a list of ints or 'generated', got {positions!r}")

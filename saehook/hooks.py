@@ -1,0 +1,253 @@
+"""Attach TopK autoencoders to a live model: record their latents, splice, steer and ablate.
+
+One :class:`Hooked` owns every hook it registers (torch's own ``register_forward_hook`` /
+``register_forward_pre_hook``, so accelerate's placement hooks keep working) and removes them in
+``finally``: leaving any context, normally or by an exception, leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .edits import Edit, Positions, check_positions
+from .hookpoints import Hookpoint, Key, find_layers, resolve, unwrap
+from .sae import Codes, TopKSAE
+
+log = logging.getLogger(__name__)
+
+
+def _execution_device(model: nn.Module, name: str) -> torch.device | None:
+    """Where a module computes: accelerate's execution device if it (or a parent) has one, else the
+    device of its first real parameter."""
+    parts = name.split(".") if name else []
+    for i in range(len(parts), -1, -1):
+        mod = model.get_submodule(".".join(parts[:i]))
+        dev = getattr(getattr(mod, "_hf_hook", None), "execution_device", None)
+        if dev is not None:
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    for t in list(model.get_submodule(name).parameters()) + list(model.parameters()):
+        if t.device.type != "meta":
+            return t.device
+    return None
+
+
+class _SiteHook:
+    """The hook at one hookpoint: reads the activation, hands it to its owner, writes back an edit."""
+
+    def __init__(self, owner: Hooked, hp: Hookpoint):
+        self.owner, self.hp = owner, hp
+
+    def output_hook(self, module, args, kwargs, output):
+        x = output if isinstance(output, Tensor) else output[0]
+        y = self.owner._process(self.hp, x)
+        if y is None:
+            return None
+        return y if isinstance(output, Tensor) else (y, *output[1:])
+
+    def input_hook(self, module, args, kwargs):
+        if args and isinstance(args[0], Tensor):
+            y = self.owner._process(self.hp, args[0])
+            return None if y is None else ((y, *args[1:]), kwargs)
+        if isinstance(kwargs.get("hidden_states"), Tensor):
+            y = self.owner._process(self.hp, kwargs["hidden_states"])
+            return None if y is None else (args, {**kwargs, "hidden_states": y})
+        raise TypeError(f"{self.hp}: cannot find the input tensor (no positional tensor or hidden_states)")
+
+
+class Hooked:
+    """Autoencoders attached to a model; see :func:`attach`.
+
+    Attributes:
+        model: the hooked ``nn.Module``.
+        saes: key -> :class:`TopKSAE`, keyed by the keys the user gave.
+        hookpoints: key -> :class:`~saehook.hookpoints.Hookpoint`.
+        latents: key -> :class:`Codes` of the most recent forward (under a KV cache: of the new tokens).
+        record: whether forwards encode and store latents (set False to skip that compute).
+    """
+
+    def __init__(self, model, saes: Mapping[Key, TopKSAE], *, record: bool = True):
+        self.model = unwrap(model)
+        if not saes:
+            raise ValueError("attach needs at least one {key: TopKSAE}")
+        self.hookpoints: dict[Key, Hookpoint] = {}
+        self.saes: dict[Key, TopKSAE] = {}
+        seen: dict[str, Key] = {}
+        for key, sae in saes.items():
+            if not isinstance(sae, TopKSAE):
+                raise TypeError(f"the value for key {key!r} is a {type(sae).__name__}, not a TopKSAE")
+            hp = resolve(self.model, key)
+            if str(hp) in seen:
+                raise ValueError(f"keys {seen[str(hp)]!r} and {key!r} both name hookpoint {hp}")
+            seen[str(hp)] = key
+            if hp.width is not None and hp.width != sae.d_in:
+                raise ValueError(f"autoencoder for {key!r} has d_in={sae.d_in}, but hookpoint {hp} has width "
+                                 f"{hp.width}")
+            dev = _execution_device(self.model, hp.name)
+            if dev is not None and sae.W_enc.device != dev:
+                sae.to(dev)  # moved once, here, not every forward
+            self.hookpoints[key], self.saes[key] = hp, sae
+        self.latents: dict[Key, Codes] = {}
+        self.record = record
+        self._edits: list[Edit] = []
+        self._taps: list = []  # callables (key, hookpoint, x) used by training while running
+        self._positions: Tensor | None = None
+        self._handles: list = []
+        self._attach()
+
+    # ------------------------------------------------------------------ attach / detach
+    def _attach(self) -> None:
+        try:
+            _, layers = find_layers(self.model)
+            self._handles.append(layers[0].register_forward_pre_hook(self._capture_positions, with_kwargs=True))
+            for hp in self.hookpoints.values():
+                site = _SiteHook(self, hp)
+                if hp.site == "output":
+                    h = hp.module.register_forward_hook(site.output_hook, with_kwargs=True)
+                else:
+                    h = hp.module.register_forward_pre_hook(site.input_hook, with_kwargs=True)
+                self._handles.append(h)
+        except BaseException:
+            self.detach()  # a failed attach rolls back
+            raise
+
+    def detach(self) -> None:
+        """Remove every hook this object registered (idempotent). Other hooks are untouched."""
+        while self._handles:
+            self._handles.pop().remove()
+        self._edits.clear()
+        self._taps.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> Hooked:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def _capture_positions(self, module, args, kwargs):
+        pos = kwargs.get("position_ids")
+        if isinstance(pos, Tensor):
+            self._positions = pos if pos.dim() == 2 else pos.reshape(-1, pos.shape[-1])[:1]
+        else:
+            self._positions = None
+
+    def _positions_for(self, hp: Hookpoint, x: Tensor) -> Tensor:
+        pos = self._positions
+        T = x.shape[-2] if x.dim() >= 2 else 1
+        if hp.layer is not None and pos is not None and pos.shape[-1] == T:
+            return pos.to(x.device)
+        return torch.arange(T, device=x.device).unsqueeze(0)
+
+    # ------------------------------------------------------------------ the hot path
+    def _process(self, hp: Hookpoint, x: Tensor) -> Tensor | None:
+        key = hp.key
+        edits = [e for e in self._edits if key in e.targets]
+        if not (self.record or edits or self._taps):
+            return None
+        sae = self.saes[key]
+        if x.shape[-1] != sae.d_in:
+            raise ValueError(f"autoencoder for {key!r} has d_in={sae.d_in}, but hookpoint {hp} produced "
+                             f"width {x.shape[-1]} (activation shape {tuple(x.shape)})")
+        if x.device != sae.W_enc.device:
+            log.info("moving the autoencoder for %r to %s", key, x.device)
+            sae.to(x.device)
+        for tap in self._taps:
+            tap(key, hp, x)
+        if not (self.record or edits):
+            return None
+        xs = x.to(sae.W_enc.dtype)
+        codes = sae.encode(xs)
+        if self.record:
+            self.latents[key] = Codes(codes.values.detach(), codes.indices)
+        if not edits:
+            return None
+        x_hat = sae.decode(codes) if any(e.kind == "splice" for e in edits) else None
+        pos = self._positions_for(hp, x)
+        y = xs
+        for e in edits:
+            new = e.apply(key, sae, xs, y, codes, x_hat)
+            m = e.mask(pos)
+            y = new if m is None else torch.where(m, new, y)
+        return y.to(x.dtype)
+
+    # ------------------------------------------------------------------ sub-contexts
+    def _keys(self, keys) -> list[Key]:
+        keys = list(self.saes) if keys is None else list(keys)
+        unknown = [k for k in keys if k not in self.saes]
+        if unknown:
+            raise KeyError(f"not attached: {unknown}; attached keys are {list(self.saes)}")
+        return keys
+
+    def _latent_targets(self, spec: Mapping, what: str, need_values: bool) -> dict:
+        targets = {}
+        for key in self._keys(spec.keys()):
+            sae, items = self.saes[key], spec[key]
+            if need_values:
+                if not isinstance(items, Mapping):
+                    raise TypeError(f"{what}: expected {{latent: value}} for {key!r}, got {items!r}")
+                idx, vals = list(items.keys()), [float(v) for v in items.values()]
+            else:
+                idx = [items] if isinstance(items, int) else list(items)
+                vals = [0.0] * len(idx)
+            bad = [j for j in idx if not isinstance(j, int) or not 0 <= j < sae.n_latents]
+            if bad:
+                raise IndexError(f"{what}: latents {bad} out of range for {key!r} (n_latents={sae.n_latents})")
+            dev = sae.W_dec.device
+            targets[key] = (torch.tensor(idx, dtype=torch.long, device=dev),
+                            torch.tensor(vals, dtype=sae.W_dec.dtype, device=dev))
+        return targets
+
+    @contextlib.contextmanager
+    def _pushed(self, edit: Edit) -> Iterator[Hooked]:
+        if not self.attached:
+            raise RuntimeError("these autoencoders are detached; use the context inside `with attach(...)`")
+        check_positions(edit.positions)
+        self._edits.append(edit)
+        try:
+            yield self
+        finally:
+            if edit in self._edits:
+                self._edits.remove(edit)
+
+    def splice(self, keys: Sequence[Key] | None = None, *, keep_error: bool = False,
+               positions: Positions = None):
+        """Replace the hookpoint activation by the reconstruction ``x_hat`` (all attached keys by
+        default). With ``keep_error=True`` the output is ``x_hat + (x - x_hat)``: numerically the clean
+        activation, with the autoencoder in the computation graph."""
+        return self._pushed(Edit("splice", {k: None for k in self._keys(keys)}, keep_error, positions))
+
+    def steer(self, spec: Mapping[Key, Mapping[int, float]], *, mode: str = "add", positions: Positions = None):
+        """``{key: {latent: value}}``. ``mode="add"``: add ``value * W_dec[latent] / s`` at every
+        position; ``mode="clamp"``: set the latent to ``value`` (error term kept)."""
+        if mode not in ("add", "clamp"):
+            raise ValueError(f"mode must be 'add' or 'clamp', got {mode!r}")
+        return self._pushed(Edit(mode, self._latent_targets(spec, "steer", True), positions=positions))
+
+    def ablate(self, spec: Mapping[Key, Sequence[int] | int], *, positions: Positions = None):
+        """``{key: [latents]}``: zero these latents, error term kept, so only their share is removed."""
+        return self._pushed(Edit("ablate", self._latent_targets(spec, "ablate", False), positions=positions))
+
+
+def attach(model, saes: Mapping[Key, TopKSAE], *, record: bool = True) -> Hooked:
+    """Insert autoencoders at hookpoints of a running model; use as a context manager.
+
+    ``saes`` maps keys to autoencoders: an ``int`` is a decoder-layer index (its output, the residual
+    stream), a ``str`` a module path, optionally suffixed ``":input"``. Every problem that can be seen
+    before a forward (unknown path, index out of range, width mismatch) raises here. Each autoencoder
+    is moved once to its hookpoint's execution device (accelerate device maps and offload included)
+    and computes in its own dtype; results are cast back to the model's dtype.
+
+        with saehook.attach(model, {20: sae}) as hooked:
+            model(**batch)            # hooked.latents[20]
+            with hooked.splice():     # reconstruction in place of the activation
+                ...
+    """
+    return Hooked(model, saes, record=record)
