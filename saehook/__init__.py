@@ -6,18 +6,25 @@ Autoencoders".
 """
 
 from . import corpus
+from .config import TrainConfig
 from .corpus import Corpus
 from .hooks import Hooked, attach
 from .models import load_model
 from .sae import Codes, SAEConfigError, SAEOutput, TopKSAE, fvu, geometric_median
+from .trainer import NonFiniteError, SAETrainer
+from .training import TrainReport
 
 __all__ = [
     "Codes",
     "Corpus",
     "Hooked",
+    "NonFiniteError",
     "SAEConfigError",
     "SAEOutput",
+    "SAETrainer",
     "TopKSAE",
+    "TrainConfig",
+    "TrainReport",
     "attach",
     "corpus",
     "fvu",

@@ -44,9 +44,10 @@ def unwrap(model) -> nn.Module:
     """The ``torch.nn.Module`` behind a model wrapper (e.g. an ``nnsight.LanguageModel``)."""
     if isinstance(model, nn.Module):
         return model
-    inner = getattr(model, "_model", None)
-    if isinstance(inner, nn.Module):
-        return inner
+    for attr in ("_model", "_module"):  # where nnsight wrappers keep it (older releases: _model)
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            return inner
     raise TypeError(f"expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
 
 

@@ -21,16 +21,29 @@ from .sae import Codes, TopKSAE
 log = logging.getLogger(__name__)
 
 
+def _hook_device(hook):
+    """``execution_device`` of an accelerate hook, looking inside a ``SequentialHook``'s ``hooks``."""
+    dev = getattr(hook, "execution_device", None)
+    if dev is None:
+        for h in getattr(hook, "hooks", ()):
+            dev = _hook_device(h)
+            if dev is not None:
+                break
+    return dev
+
+
 def _execution_device(model: nn.Module, name: str) -> torch.device | None:
-    """Where a module computes: accelerate's execution device if it (or a parent) has one, else the
-    device of its first real parameter."""
+    """Where a module computes: accelerate's execution device if it, a parent or (``cpu_offload``
+    hooks only the modules that own parameters) a child has one, else the device of its first real
+    parameter."""
     parts = name.split(".") if name else []
-    for i in range(len(parts), -1, -1):
-        mod = model.get_submodule(".".join(parts[:i]))
-        dev = getattr(getattr(mod, "_hf_hook", None), "execution_device", None)
+    module = model.get_submodule(name)
+    mods = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts), -1, -1)] + list(module.modules())
+    for mod in mods:
+        dev = _hook_device(getattr(mod, "_hf_hook", None))
         if dev is not None:
             return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
-    for t in list(model.get_submodule(name).parameters()) + list(model.parameters()):
+    for t in list(module.parameters()) + list(model.parameters()):
         if t.device.type != "meta":
             return t.device
     return None
@@ -234,6 +247,45 @@ class Hooked:
     def ablate(self, spec: Mapping[Key, Sequence[int] | int], *, positions: Positions = None):
         """``{key: [latents]}``: zero these latents, error term kept, so only their share is removed."""
         return self._pushed(Edit("ablate", self._latent_targets(spec, "ablate", False), positions=positions))
+
+    # ------------------------------------------------------------------ training
+    def train(self, source, tokens: int, config=None, out=None, *, resume: bool = False, batch_size: int = 8,
+              progress: bool = True, log_to=()):
+        """Train every attached autoencoder online from forward passes over ``source``.
+
+        ``source``: a :class:`~saehook.Corpus` (windows of ``batch_size``), an iterable of ``input_ids``
+        tensors ``[B, T]``, or of dicts for ``model(**batch)``. Each pass feeds every hookpoint and stops
+        after the deepest one. ``tokens`` bounds the run (activation rows trained on per hookpoint).
+        ``out``: checkpoints, ``<hookpoint>/`` autoencoders and ``metrics.jsonl``; ``resume=True``
+        continues from its latest checkpoint exactly. ``log_to``: ``("tensorboard", "wandb")``.
+        Returns a :class:`~saehook.training.TrainReport` (``report[key]``: last metrics).
+        """
+        from .training import train
+
+        return train(self, source, tokens, config, out, resume=resume, batch_size=batch_size,
+                     progress=progress, log_to=log_to)
+
+    @contextlib.contextmanager
+    def training(self, config=None, *, total_tokens: int | None = None):
+        """Train while you run: inside, every forward through the model (your own passes, an evaluation
+        loop, ``generate``) feeds the autoencoders, which take an optimizer step whenever a batch of
+        ``config.batch_tokens`` rows is full. Yields the :class:`~saehook.training.TrainingSession`
+        (its ``trainers[key]`` hold step counts and ``last[key]`` the latest metrics)."""
+        from .config import TrainConfig
+        from .training import TrainingSession
+
+        session = TrainingSession(self, config or TrainConfig(), total_tokens=total_tokens)
+
+        def tap(key, hp, x):
+            session.tap(key, hp, x)
+            session.drain()
+
+        self._taps.append(tap)
+        try:
+            yield session
+        finally:
+            if tap in self._taps:
+                self._taps.remove(tap)
 
 
 def attach(model, saes: Mapping[Key, TopKSAE], *, record: bool = True) -> Hooked:

@@ -1,0 +1,49 @@
+"""A shuffling buffer: activation rows from many windows are mixed before they form batches.
+
+Consecutive tokens of one window are correlated; training on them in order biases each step. Rows are
+appended as they stream in; once the buffer holds ``capacity + batch`` rows it is permuted and all but
+``capacity`` rows leave as batches of exactly ``batch`` rows. With ``capacity = 0`` rows leave in order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class ShuffleBuffer:
+    def __init__(self, d: int, batch: int, capacity: int, seed: int = 0, device=None):
+        self.d, self.batch, self.capacity = d, batch, capacity
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rows: list[Tensor] = []
+        self.n = 0
+        self.device = device
+
+    def add(self, x: Tensor) -> None:
+        """Append rows ``x [N, d]`` (a detached copy is kept)."""
+        if len(x):
+            self.rows.append(x.detach().reshape(-1, self.d).clone())
+            self.n += len(self.rows[-1])
+
+    def batches(self, flush: bool = False) -> list[Tensor]:
+        """Full batches ready to train on; ``flush`` also drains the mixing reserve (end of a run)."""
+        keep = 0 if flush else self.capacity
+        if self.n < keep + self.batch:
+            return []
+        allrows = torch.cat(self.rows)
+        if self.capacity:
+            allrows = allrows[torch.randperm(len(allrows), generator=self.gen).to(allrows.device)]
+        n_out = (len(allrows) - keep) // self.batch * self.batch
+        out = list(allrows[:n_out].split(self.batch))
+        rest = allrows[n_out:]
+        self.rows, self.n = ([rest] if len(rest) else []), len(rest)
+        return out
+
+    def state(self) -> dict[str, Tensor]:
+        rows = torch.cat(self.rows) if self.rows else torch.zeros(0, self.d)
+        return {"rows": rows.cpu().contiguous(), "rng": self.gen.get_state()}
+
+    def load_state(self, st: dict[str, Tensor]) -> None:
+        rows = st["rows"]
+        self.rows, self.n = ([rows.to(self.device) if self.device else rows] if len(rows) else []), len(rows)
+        self.gen.set_state(st["rng"])

@@ -1,0 +1,90 @@
+"""Training configuration: every knob of the paper's recipe, with the paper's defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train a :class:`~saehook.TopKSAE` (Gao et al. 2024, section 2 and appendix A)."""
+
+    batch_tokens: int = 8192
+    """Activation rows per optimizer step (paper: 131,072; >= 8k keeps the O(n d) per-step costs small on CPU)."""
+    lr: float | None = None
+    """Adam learning rate; None = ``2e-4 / sqrt(n_latents / 2**14)`` (the paper's 1/sqrt(n) scaling)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = 6.25e-10
+    """Adam epsilon (tiny, because batch-averaged gradients are tiny)."""
+    auxk: bool = True
+    """Train dead latents with the AuxK loss."""
+    k_aux: int | None = None
+    """Latents used by AuxK; None = ``d_in // 2``."""
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss: ``L + auxk_coef * L_aux``."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead after this many tokens without firing (paper: 10M)..."""
+    dead_fraction: float = 0.05
+    """...or after this fraction of the run's tokens, whichever is smaller (scales the threshold for small
+    runs; only when the run length is known)."""
+    multi_topk_coef: float = 1 / 8
+    """Weight of the 4k reconstruction when the autoencoder has ``multi_topk``: ``L(k) + L(4k)/8``."""
+    normalize: bool = True
+    """Estimate an input scale from the first batch so that ``E||s x||^2 = d_in``; stored in the SAE."""
+    init_b_dec: str = "geometric_median"
+    """``"geometric_median"`` (paper), ``"mean"`` or ``"none"``: how ``b_dec`` is set from the first batch."""
+    init_samples: int = 32768
+    """Rows of the first batches used for the scale and ``b_dec`` (the paper's code uses 32,768)."""
+    ema: float | None = None
+    """Decay of an exponential moving average of the weights (e.g. 0.999), None = off."""
+    grad_clip: float | None = None
+    """Max global gradient norm, None = no clipping."""
+    skip_positions: int = 1
+    """Leading positions of every window excluded from training and statistics (BOS / first token, whose
+    residual norm is 10-100x the rest)."""
+    shuffle_buffer: int = 65536
+    """Rows mixed across windows before they form batches (consecutive tokens are correlated)."""
+    seed: int = 0
+    """Seed of the activation shuffling."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (and always at the end)."""
+    log_every: int = 10
+    """Steps between metric lines in ``metrics.jsonl``."""
+    nan_policy: str = "raise"
+    """Non-finite activations or loss: ``"raise"`` (error naming step and hookpoint) or ``"skip"`` (drop
+    the offending rows / step and count them in the metrics)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_tokens <= 0:
+            raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.init_b_dec not in ("geometric_median", "mean", "none"):
+            raise ValueError(f"init_b_dec must be 'geometric_median', 'mean' or 'none', got {self.init_b_dec!r}")
+        if self.nan_policy not in ("raise", "skip"):
+            raise ValueError(f"nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema must be in (0, 1), got {self.ema}")
+        if self.shuffle_buffer < 0 or self.skip_positions < 0:
+            raise ValueError("shuffle_buffer and skip_positions must be >= 0")
+        if not 0 < self.dead_fraction <= 1 or self.dead_tokens <= 0:
+            raise ValueError("dead_tokens must be positive and dead_fraction in (0, 1]")
+
+    def lr_for(self, n_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)

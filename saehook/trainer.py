@@ -1,0 +1,188 @@
+"""One autoencoder, one optimizer: the paper's training step on a batch of activations.
+
+Per step, for rows ``x [N, d]``:
+
+    loss = fvu(x, x_hat) + auxk_coef * auxk_fvu + multi_topk_coef * fvu(x, x_hat_4k)
+    g(W_dec) <- g - (g . w) w  for each unit decoder row w      (remove the parallel component)
+    Adam(betas, eps) step; W_dec rows renormalised to unit norm; optional weight EMA
+
+Dead latents: a latent that has not fired for ``dead_threshold`` tokens is dead; AuxK reconstructs the
+residual from the top ``k_aux`` dead pre-activations. The counters live on the autoencoder's device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor
+
+from .config import TrainConfig
+from .sae import TopKSAE
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or inf in activations or loss, with the step and hookpoint."""
+
+
+class SAETrainer:
+    """Trains one :class:`TopKSAE` on batches of activations from any origin.
+
+    Args:
+        sae: the autoencoder (trained in place).
+        config: the recipe.
+        total_tokens: length of the run if known; scales the dead-latent threshold for short runs.
+        name: how errors and logs call this autoencoder (e.g. its hookpoint).
+    """
+
+    def __init__(self, sae: TopKSAE, config: TrainConfig | None = None, *, total_tokens: int | None = None,
+                 name: str = "sae"):
+        self.sae, self.cfg, self.name = sae, config or TrainConfig(), name
+        cfg = self.cfg
+        self.lr = cfg.lr_for(sae.n_latents)
+        self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=cfg.betas, eps=cfg.eps)
+        self.dead_threshold = cfg.dead_tokens
+        if total_tokens:
+            # never before a latent had one full batch to fire in
+            self.dead_threshold = max(cfg.batch_tokens, min(cfg.dead_tokens, int(cfg.dead_fraction * total_tokens)))
+        self.k_aux = min(cfg.k_aux or sae.d_in // 2, sae.n_latents)
+        dev = sae.W_enc.device
+        self.tokens_since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=dev)
+        self.step_count = 0
+        self.tokens = 0
+        self.skipped = 0
+        self.initialized = False
+        self.ema = ({n: p.detach().clone() for n, p in sae.named_parameters()} if cfg.ema else None)
+
+    # ------------------------------------------------------------------ init from data
+    @torch.no_grad()
+    def initialize(self, acts: Tensor) -> None:
+        """Input scale and ``b_dec`` from a sample of activations (called by the first :meth:`step`)."""
+        sample = acts[: self.cfg.init_samples].to(self.sae.W_enc)
+        if self.cfg.normalize:
+            s = self.sae.set_input_scale_(sample)
+            log.info("%s: input scale %.4g (mean row norm %.4g)", self.name, s, math.sqrt(self.sae.d_in) / s)
+        if self.cfg.init_b_dec == "geometric_median":
+            self.sae.init_b_dec_(sample)
+        elif self.cfg.init_b_dec == "mean":
+            self.sae.b_dec.copy_(sample.mean(0) * self.sae.input_scale)
+        if self.ema is not None:
+            for n, p in self.sae.named_parameters():
+                self.ema[n].copy_(p)
+        self.initialized = True
+
+    @property
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.dead_threshold
+
+    # ------------------------------------------------------------------ the step
+    def _check_finite(self, what: str, t: Tensor) -> bool:
+        if bool(torch.isfinite(t).all()):
+            return True
+        if self.cfg.nan_policy == "raise":
+            raise NonFiniteError(f"non-finite {what} at step {self.step_count} for {self.name}")
+        log.warning("%s: non-finite %s at step %d, skipped", self.name, what, self.step_count)
+        self.skipped += 1
+        return False
+
+    def step(self, acts: Tensor) -> dict[str, float]:
+        """One optimizer step on ``acts [N, d_in]``; returns float metrics: ``loss``, ``fvu``, ``l0``,
+        ``dead_frac``, ``auxk_fvu``, ``multi_topk_fvu`` (when enabled), ``lr``, ``tokens``, ``step``."""
+        sae, cfg = self.sae, self.cfg
+        acts = acts.reshape(-1, sae.d_in).to(sae.W_enc.device)
+        if not self._check_finite("activations", acts):
+            acts = acts[torch.isfinite(acts).all(-1)]
+            if len(acts) < 2:
+                return self._metrics(None)
+        if not self.initialized:
+            self.initialize(acts)
+        dead = self.dead_mask if cfg.auxk else None
+        out = sae(acts, dead_mask=dead, k_aux=self.k_aux)
+        loss = out.fvu
+        if out.auxk_fvu is not None:
+            loss = loss + cfg.auxk_coef * out.auxk_fvu
+        if out.multi_topk_fvu is not None:
+            loss = loss + cfg.multi_topk_coef * out.multi_topk_fvu
+        if not self._check_finite("loss", loss.detach()):
+            return self._metrics(None)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_decoder_grad_()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.opt.step()
+        sae.unit_norm_decoder_()
+        self._update_ema()
+        with torch.no_grad():
+            fired = torch.zeros_like(self.tokens_since_fired)
+            active = out.codes.indices[out.codes.values > 0]
+            fired.index_add_(0, active, torch.ones_like(active))
+            self.tokens_since_fired += len(acts)
+            self.tokens_since_fired[fired > 0] = 0
+        self.step_count += 1
+        self.tokens += len(acts)
+        return self._metrics(out, loss, len(active) / len(acts))
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        for n, p in self.sae.named_parameters():
+            self.ema[n].lerp_(p, 1 - self.cfg.ema)
+
+    def _metrics(self, out, loss=None, l0: float | None = None) -> dict[str, float]:
+        m = {"step": float(self.step_count), "tokens": float(self.tokens), "lr": self.lr,
+             "dead_frac": float(self.dead_mask.float().mean()), "skipped": float(self.skipped)}
+        if out is not None:
+            m.update(loss=float(loss.detach()), fvu=float(out.fvu.detach()), l0=float(l0))
+            if out.auxk_fvu is not None:
+                m["auxk_fvu"] = float(out.auxk_fvu.detach())
+            if out.multi_topk_fvu is not None:
+                m["multi_topk_fvu"] = float(out.multi_topk_fvu.detach())
+        return m
+
+    def ema_sae(self) -> TopKSAE:
+        """A copy of the autoencoder holding the EMA weights (the trained one if EMA is off)."""
+        import copy
+
+        sae = copy.deepcopy(self.sae)
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in sae.named_parameters():
+                    p.copy_(self.ema[n])
+            sae.unit_norm_decoder_()
+        return sae
+
+    # ------------------------------------------------------------------ resume
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Everything but the autoencoder's weights, as named tensors (for safetensors)."""
+        t = {"tokens_since_fired": self.tokens_since_fired}
+        names = {id(p): n for n, p in self.sae.named_parameters()}
+        for p, st in self.opt.state.items():
+            for k, v in st.items():
+                t[f"opt.{names[id(p)]}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        if self.ema is not None:
+            t.update({f"ema.{n}": v for n, v in self.ema.items()})
+        return {k: v.detach().contiguous().cpu() for k, v in t.items()}
+
+    def state_scalars(self) -> dict:
+        return {"step": self.step_count, "tokens": self.tokens, "skipped": self.skipped,
+                "initialized": self.initialized, "dead_threshold": self.dead_threshold}
+
+    def load_state(self, tensors: dict[str, Tensor], scalars: dict) -> None:
+        dev = self.sae.W_enc.device
+        self.tokens_since_fired = tensors["tokens_since_fired"].to(dev)
+        params = dict(self.sae.named_parameters())
+        self.opt.state.clear()
+        for key, v in tensors.items():
+            if key.startswith("opt."):
+                pname, field = key[4:].rsplit(".", 1)
+                self.opt.state[params[pname]][field] = v.to(dev) if field != "step" else v.clone()
+            elif key.startswith("ema.") and self.ema is not None:
+                self.ema[key[4:]] = v.to(dev)
+        self.step_count, self.tokens = scalars["step"], scalars["tokens"]
+        self.skipped, self.initialized = scalars.get("skipped", 0), scalars["initialized"]
+        self.dead_threshold = scalars.get("dead_threshold", self.dead_threshold)

@@ -1,0 +1,252 @@
+"""Online training: the recipe on planted features, streaming from a live model, resume and checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import saehook
+from saehook import SAETrainer, TopKSAE, TrainConfig
+from saehook.trainer import NonFiniteError
+
+TESTS = Path(__file__).parent
+
+
+def planted_batch(dirs, n, g, k_true=4):
+    m = dirs.shape[0]
+    idx = torch.rand(n, m, generator=g).argsort(1)[:, :k_true]
+    mags = torch.rand(n, k_true, generator=g) * 2 + 0.5
+    z = torch.zeros(n, m).scatter(1, idx, mags)
+    return z @ dirs + 0.3
+
+
+def test_planted_feature_recovery_with_defaults():
+    """Sparse sums of 128 known unit directions superposed in d=64: the decoder finds them."""
+    torch.manual_seed(0)
+    dirs = torch.randn(128, 64)
+    dirs /= dirs.norm(dim=1, keepdim=True)
+    g = torch.Generator().manual_seed(1)
+    sae = TopKSAE(64, 256, 8)
+    tr = SAETrainer(sae, TrainConfig(), total_tokens=220 * 8192)
+    start = (dirs @ sae.W_dec.T).max(1).values.mean()
+    for _ in range(220):
+        m = tr.step(planted_batch(dirs, 8192, g))
+    mean_max_cos = (dirs @ sae.W_dec.T).max(1).values.mean()
+    assert start < 0.5
+    assert mean_max_cos > 0.9, float(mean_max_cos)
+    assert m["fvu"] < 0.1 and m["l0"] == 8.0
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256))  # unit-norm decoder kept
+
+
+def test_first_step_sets_scale_and_geometric_median():
+    torch.manual_seed(0)
+    x = torch.randn(4096, 16) * 50 + 7.0
+    sae = TopKSAE(16, 64, 4)
+    tr = SAETrainer(sae, TrainConfig(batch_tokens=4096))
+    tr.step(x)
+    s = float(sae.input_scale)
+    assert abs((x * s).pow(2).sum(-1).mean().item() - 16) < 1e-2
+    assert tr.lr == pytest.approx(2e-4 / (64 / 2**14) ** 0.5)
+    assert tr.opt.defaults["eps"] == 6.25e-10 and tr.opt.defaults["betas"] == (0.9, 0.999)
+    # b_dec started at the geometric median (near 7*s per coordinate), then took one Adam step
+    assert (sae.b_dec - 7.0 * s).abs().max() < 0.1
+
+
+def test_dead_latents_and_auxk():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 1) @ torch.randn(1, 16)  # rank 1: few latents ever win the top 2
+    sae = TopKSAE(16, 512, 2)
+    tr = SAETrainer(sae, TrainConfig(batch_tokens=2048), total_tokens=2048 * 40)
+    assert tr.dead_threshold == 4096  # 5% of the run, but never below one batch
+    for _ in range(3):
+        m = tr.step(x)
+    assert m["dead_frac"] > 0.2 and "auxk_fvu" in m  # most latents never fired in 6k tokens
+    tr2 = SAETrainer(TopKSAE(16, 512, 2), TrainConfig(batch_tokens=2048, auxk=False), total_tokens=2048 * 40)
+    for _ in range(3):
+        m2 = tr2.step(x)
+    assert "auxk_fvu" not in m2 and m2["loss"] == m2["fvu"]
+
+
+def test_nan_activations_raise_with_step_and_name():
+    tr = SAETrainer(TopKSAE(8, 32, 2), TrainConfig(batch_tokens=64), name="model.layers.3")
+    tr.step(torch.randn(64, 8))
+    bad = torch.randn(64, 8)
+    bad[5, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"non-finite activations at step 1 for model.layers.3"):
+        tr.step(bad)
+    skip = SAETrainer(TopKSAE(8, 32, 2), TrainConfig(batch_tokens=64, nan_policy="skip"))
+    m = skip.step(bad)
+    assert m["skipped"] == 1 and m["step"] == 1  # the bad row was dropped, the step taken
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="batch_tokens must be positive"):
+        TrainConfig(batch_tokens=0)
+    with pytest.raises(ValueError, match="nan_policy"):
+        TrainConfig(nan_policy="ignore")
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.from_dict({"batch_size": 3})
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+
+
+def small_cfg(**kw):
+    return TrainConfig(**{"batch_tokens": 256, "shuffle_buffer": 512, "log_every": 1, **kw})
+
+
+def source(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (8, 32), generator=g) for _ in range(n)]
+
+
+def test_multi_layer_single_pass_with_early_stop(tmp_path):
+    model = tiny_model("llama")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    calls = {"last": 0, "head": 0, "first": 0}
+    model.model.layers[2].register_forward_hook(lambda *a: calls.__setitem__("last", calls["last"] + 1))
+    model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1))
+    model.model.layers[0].register_forward_hook(lambda *a: calls.__setitem__("first", calls["first"] + 1))
+    a, b = TopKSAE(32, 128, 4), TopKSAE(32, 128, 4)
+    a0, b0 = a.W_enc.clone(), b.W_enc.clone()
+    with saehook.attach(model, {0: a, 1: b}) as hooked:
+        report = hooked.train(source(), tokens=4000, config=small_cfg(), out=tmp_path, progress=False)
+    assert calls["last"] == 0 and calls["head"] == 0  # stopped after layer 1, the deepest hooked
+    # one pass per source batch feeds both: 16 steps x 256 rows + 512 held for mixing, at 248 rows/pass
+    assert calls["first"] == -(-(16 * 256 + 512) // 248) == 19
+    assert report[0]["tokens"] == report[1]["tokens"] == report.tokens >= 4000
+    assert report[0]["step"] == report[1]["step"] == report.steps
+    assert not torch.equal(a.W_enc, a0) and not torch.equal(b.W_enc, b0)
+    # rows per pass: 8 windows x 31 positions (first position excluded) = 248
+    assert report.tokens == report.steps * 256
+    for n, p in model.state_dict().items():  # the model never changes and never gets gradients
+        assert torch.equal(p, before[n]), n
+    assert all(p.grad is None for p in model.parameters())
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {x["hookpoint"] for x in lines} == {"model.layers.0", "model.layers.1"}
+    assert {"fvu", "l0", "dead_frac", "tokens_per_s"} <= set(lines[-1])
+    loaded = TopKSAE.load(tmp_path / "model.layers.1")
+    torch.testing.assert_close(loaded.W_dec, b.W_dec)
+    assert loaded.metadata["tokens"] == report.tokens and float(loaded.input_scale) != 1.0
+
+
+def test_fvu_decreases_on_a_live_model(tmp_path):
+    model = tiny_model("gpt2")
+    with saehook.attach(model, {1: TopKSAE(32, 128, 4)}) as hooked:
+        report = hooked.train(source(120), tokens=25000, config=small_cfg(), progress=False)
+    fvus = [h["fvu"] for h in report.history]
+    assert fvus[-1] < 0.6 * fvus[0], (fvus[0], fvus[-1])
+
+
+def test_padding_and_first_positions_excluded():
+    model = tiny_model("gpt_neox")
+    ids = torch.randint(3, 128, (4, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding in row 0
+    with saehook.attach(model, {1: TopKSAE(32, 64, 4)}) as hooked:
+        from saehook.training import TrainingSession
+
+        s = TrainingSession(hooked, small_cfg(skip_positions=1))
+        s.attention_mask = mask
+        x = torch.arange(4 * 10).float().reshape(4, 10, 1).expand(4, 10, 32)
+        rows = s.valid_rows(hooked.hookpoints[1], x)
+    # row 0 keeps positions 5..9 (4 pads + its first real token dropped); others 1..9
+    assert rows.shape == (5 + 9 * 3, 32)
+    assert rows[:5, 0].tolist() == [5.0, 6.0, 7.0, 8.0, 9.0]
+
+
+def test_shuffle_buffer_mixes_windows_and_batch_is_independent():
+    from saehook.buffer import ShuffleBuffer
+
+    buf = ShuffleBuffer(1, batch=100, capacity=300, seed=0)
+    for w in range(13):  # thirteen "windows" of 31 rows each, tagged by window
+        buf.add(torch.full((31, 1), float(w)))
+    batches = buf.batches()
+    assert [len(b) for b in batches] == [100] and buf.n == 303  # 403 rows, 300+ kept for mixing
+    assert len(set(batches[0].flatten().tolist())) >= 8  # drawn from many windows, not one
+    rest = buf.batches(flush=True)
+    assert [len(b) for b in rest] == [100, 100, 100] and buf.n == 3
+
+
+def test_train_while_generating():
+    model = tiny_model("llama")
+    sae = TopKSAE(32, 64, 4)
+    w0 = sae.W_enc.clone()
+    prompt = torch.randint(3, 128, (4, 8))
+    with saehook.attach(model, {1: sae}) as hooked, hooked.training(small_cfg(batch_tokens=32, shuffle_buffer=0)) as session:
+        model.generate(prompt, max_new_tokens=20, do_sample=False)
+    assert session.trainers[1].step_count == 104 // 32  # 4 x 7 prompt rows (BOS position skipped) + 4 x 19 new
+    assert not torch.equal(sae.W_enc, w0)
+    assert not hooked.attached and not hooked._taps
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    def run(out, src, resume=False):
+        torch.manual_seed(0)
+        sae = TopKSAE(32, 128, 4)
+        with saehook.attach(tiny_model("llama"), {1: sae}) as hooked:
+            hooked.train(src, tokens=8000, config=small_cfg(checkpoint_every=7, ema=0.99),
+                         out=out, resume=resume, progress=False)
+        return sae
+
+    full = run(tmp_path / "a", source(60))
+
+    class Interrupt(Exception):
+        pass
+
+    def dying(n):  # a source whose reader dies after n batches
+        for i, b in enumerate(source(60)):
+            if i == n:
+                raise Interrupt
+            yield b
+
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b", dying(17))
+    assert (tmp_path / "b" / "checkpoints" / "LATEST").read_text() == "step-0000014"
+    resumed = run(tmp_path / "b", source(60), resume=True)
+    for (n, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(tmp_path / "c", source(2), resume=True)
+
+
+def test_nan_in_live_activations_names_hookpoint():
+    model = tiny_model("llama")
+
+    def poison(mod, args):
+        return (args[0] * float("nan"),)
+
+    model.model.layers[1].register_forward_pre_hook(poison)
+    with saehook.attach(model, {1: TopKSAE(32, 64, 4)}) as hooked:
+        with pytest.raises(FloatingPointError, match=r"non-finite activations at step 0 for model.layers.1"):
+            hooked.train(source(3), tokens=500, config=small_cfg(), progress=False)
+
+
+def test_checkpoint_survives_kill(tmp_path):
+    """SIGKILL a real training process at random moments: the latest checkpoint always loads."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    rng = __import__("random").Random(0)
+    kills = 0
+    for attempt in range(4):
+        p = subprocess.Popen([sys.executable, str(TESTS / "scripts" / "train_tiny.py"), str(out), str(TESTS)]
+                             + (["resume"] if attempt else []), env=env)
+        deadline = time.time() + 60
+        while not (out / "checkpoints" / "LATEST").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.2, 1.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+        latest = (out / "checkpoints" / "LATEST").read_text()
+        ck = out / "checkpoints" / latest
+        sae = TopKSAE.load(ck / "model.layers.1")
+        state = json.loads((ck / "state.json").read_text())
+        assert state["hookpoints"]["model.layers.1"]["step"] == int(latest.split("-")[1])
+        assert TopKSAE.load(out / "model.layers.1").n_latents == sae.n_latents == 256
+    assert kills == 4
