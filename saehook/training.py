@@ -262,11 +262,16 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
                disable=not progress, desc="saehook train")
     t0, tok0 = time.perf_counter(), session.tokens
 
+    def record(key, m):
+        history.append({"hookpoint": names[key], **m})
+        logger.write(names[key], m)
+        logged[key] = int(m["step"])
+
     def on_step(key, m):
         m = {**m, "tokens_per_s": (session.tokens - tok0) / max(time.perf_counter() - t0, 1e-9)}
+        session.last[key] = m
         if int(m["step"]) % cfg.log_every == 0 or int(m["step"]) == 1:
-            history.append({"hookpoint": names[key], **m})
-            logger.write(names[key], m)
+            record(key, m)
         if key == first:
             bar.n = min(int(m["tokens"]), tokens)
             bar.set_postfix(fvu=f"{m.get('fvu', float('nan')):.3f}", l0=f"{m.get('l0', 0):.1f}",
@@ -277,9 +282,10 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
 
     first, last = next(iter(hooked.saes)), list(hooked.saes)[-1]
     pending: list = []
+    logged: dict = {}
     session.on_step = on_step
     device = _model_device(hooked.model)
-    record = hooked.record
+    was_recording = hooked.record
     hooked.record = False
     hooked._taps.append(session.tap)
     try:
@@ -296,6 +302,9 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
             if pending:
                 pending.clear()
                 session.save(out, position)
+        for key, m in session.last.items():  # the final metrics are always logged
+            if logged.get(key) != int(m["step"]):
+                record(key, m)
         if session.tokens < tokens:
             log.warning("source exhausted after %d of %d tokens", session.tokens, tokens)
         if out is not None:
@@ -304,7 +313,7 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
             session.save(out, position)
     finally:
         hooked._taps.remove(session.tap) if session.tap in hooked._taps else None
-        hooked.record = record
+        hooked.record = was_recording
         bar.close()
         logger.close()
     return TrainReport(dict(session.last), session.tokens, next(iter(session.trainers.values())).step_count,

@@ -1,0 +1,162 @@
+"""Command line: ``saehook train`` and ``saehook demo`` (the main job on the embedded model and corpus)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("saehook")
+
+
+def parse_count(text: str) -> int:
+    """``"2M"`` -> 2_000_000, ``"500k"`` -> 500_000, ``"8192"`` -> 8192."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbB]?)\s*", str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a count like 8192, 500k or 2M, got {text!r}")
+    mult = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def parse_key(text: str):
+    return int(text) if re.fullmatch(r"-?\d+", text) else text
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[name]
+
+
+def add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
+    p.add_argument("--model", default=None, help="HF model name or path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--layers", nargs="+", type=parse_key, default=[20],
+                   help="hookpoints: decoder-layer indices and/or module paths (default: 20)")
+    p.add_argument("--latents", type=parse_count, default=4096 if demo else 16384, help="n_latents per autoencoder")
+    p.add_argument("--k", type=int, default=32, help="active latents per token")
+    p.add_argument("--tokens", type=parse_count, default=parse_count("500k" if demo else "2M"),
+                   help="training tokens per hookpoint, e.g. 2M")
+    p.add_argument("--batch-tokens", type=parse_count, default=8192, help="activation rows per optimizer step")
+    p.add_argument("--context", type=int, default=128, help="tokens per window")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    p.add_argument("--corpus", default=None,
+                   help="text source: a .txt file, a folder, a .jsonl, hf:<dataset> (default: embedded BBC News)")
+    p.add_argument("--out", default="runs/demo" if demo else "runs/x", help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="language model dtype (the autoencoders train in float32)")
+    p.add_argument("--device-map", default=None, help="accelerate device map for the model, e.g. auto")
+    p.add_argument("--multi-topk", action="store_true", help="train with the Multi-TopK loss L(k) + L(4k)/8")
+    p.add_argument("--no-auxk", action="store_true", help="disable the AuxK loss for dead latents")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4/sqrt(n/2^14))")
+    p.add_argument("--shuffle-buffer", type=parse_count, default=65536, help="rows mixed across windows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=200, help="optimizer steps between checkpoints")
+    p.add_argument("--log-to", nargs="*", default=[], choices=["tensorboard", "wandb"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_train(args) -> dict:
+    """Load model and corpus, attach fresh autoencoders, train, print a summary; returns the report."""
+    import torch
+
+    import saehook
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    kwargs = {"dtype": _dtype(args.dtype)}
+    if args.device_map:
+        kwargs["device_map"] = args.device_map
+    model, tok = saehook.load_model(args.model, **kwargs)
+    print(f"model: {args.model or 'SmolLM2-135M-Instruct (embedded)'}, {model.config.num_hidden_layers} layers, "
+          f"d_model {model.config.hidden_size}, {args.dtype}, loaded in {time.perf_counter() - t0:.1f}s")
+    corpus = saehook.Corpus.from_source(args.corpus, tok, context=args.context, seed=args.seed)
+    print(f"corpus: {args.corpus or 'BBC News (embedded)'}, windows of {args.context} tokens")
+    probe = saehook.hookpoints
+    saes = {}
+    for key in args.layers:
+        hp = probe.resolve(model, key)
+        d = hp.width or model.config.hidden_size
+        saes[key] = saehook.TopKSAE(d, args.latents, args.k, multi_topk=args.multi_topk)
+    cfg = saehook.TrainConfig(batch_tokens=args.batch_tokens, lr=args.lr, auxk=not args.no_auxk, seed=args.seed,
+                              checkpoint_every=args.checkpoint_every, shuffle_buffer=args.shuffle_buffer)
+    print(f"training {len(saes)} autoencoder(s) at {[str(probe.resolve(model, k)) for k in saes]}: "
+          f"n_latents={args.latents}, k={args.k}, {args.tokens:,} tokens, {args.batch_tokens} per step, "
+          f"lr={cfg.lr_for(args.latents):.3g}")
+    with saehook.attach(model, saes) as hooked:
+        report = hooked.train(corpus, tokens=args.tokens, config=cfg, out=args.out, resume=args.resume,
+                              batch_size=args.batch_size, progress=not args.no_progress, log_to=args.log_to)
+    print(f"\ntrained {report.tokens:,} tokens in {report.steps} steps, {report.seconds:.0f}s "
+          f"({report.tokens_per_s:,.0f} tokens/s, forward + training)")
+    print(f"{'hookpoint':<28}{'fvu':>8}{'l0':>8}{'dead':>8}  saved to")
+    for key in saes:
+        m = report[key]
+        name = saehook.training.hookpoint_dirname(hooked.hookpoints[key])
+        print(f"{name:<28}{m['fvu']:>8.4f}{m['l0']:>8.1f}{m['dead_frac']:>8.2%}  {Path(args.out) / name}")
+    return {"report": report, "model": model, "tokenizer": tok, "saes": saes, "corpus": corpus}
+
+
+def run_demo(args) -> None:
+    """The main job: train on the embedded model and corpus, then show the autoencoder at work."""
+    import torch
+
+    import saehook
+
+    res = run_train(args)
+    model, tok, saes = res["model"], res["tokenizer"], res["saes"]
+    key = next(iter(saes))
+    sae = saes[key]
+    prompt = "The football match ended with a late goal, and the manager said"
+    enc = tok(prompt, return_tensors="pt")
+    with saehook.attach(model, {key: sae}) as hooked:
+        model(**enc)
+        codes = hooked.latents[key]
+        top = codes.indices[0, 1:].flatten().bincount(minlength=sae.n_latents).argmax().item()
+        print(f"\nlatent {top} fires most often on: {prompt!r}")
+        clean = model.generate(**enc, max_new_tokens=20, do_sample=False)
+        value = float(codes.values[0, 1:].max()) * 4
+        with hooked.steer({key: {top: value}}, positions="generated"):
+            steered = model.generate(**enc, max_new_tokens=20, do_sample=False)
+        new = enc["input_ids"].shape[1]
+        print(f"greedy continuation:            {tok.decode(clean[0, new:], skip_special_tokens=True)!r}")
+        print(f"steered (+{value:.1f} x latent {top}): {tok.decode(steered[0, new:], skip_special_tokens=True)!r}")
+        with torch.no_grad():
+            ids = next(res["corpus"].windows("test", batch_size=4, shuffle=False))
+            clean_loss = model(ids, labels=ids).loss.item()
+            with hooked.splice([key]):
+                spliced_loss = model(ids, labels=ids).loss.item()
+        print(f"held-out LM loss: clean {clean_loss:.3f}, with the reconstruction spliced in {spliced_loss:.3f} "
+              f"(delta {spliced_loss - clean_loss:+.3f} nats)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="saehook", description=(
+        "TopK sparse autoencoders on live Hugging Face models (Gao et al. 2024). "
+        "Defaults run offline on the embedded SmolLM2-135M-Instruct and BBC News corpus."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train autoencoders online from forward passes",
+                             description="Train TopK autoencoders at one or more hookpoints from one forward pass "
+                                         "per batch; checkpoints, metrics.jsonl and <hookpoint>/ dirs in --out.")
+    add_train_args(p_train)
+    p_demo = sub.add_parser("demo", help="the main job on the embedded model and corpus (~10 min on 2 CPU cores)",
+                            description="Train a layer-20 autoencoder on SmolLM2 over BBC News, save it, then read "
+                                        "latents, steer generation and measure the spliced LM loss.")
+    add_train_args(p_demo, demo=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.command == "train":
+        run_train(args)
+    else:
+        run_demo(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The command line: counts, help, and a real `saehook train` run on a tiny local model."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import saehook
+from saehook.cli import main, parse_count
+
+
+def test_parse_count():
+    assert parse_count("2M") == 2_000_000 and parse_count("500k") == 500_000 and parse_count("8192") == 8192
+    assert parse_count("1.5k") == 1500
+    with pytest.raises(argparse.ArgumentTypeError, match="like 8192, 500k or 2M"):
+        parse_count("lots")
+
+
+def test_help_is_complete():
+    out = subprocess.run([sys.executable, "-m", "saehook", "--help"], capture_output=True, text=True, check=True)
+    assert "train" in out.stdout and "demo" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "saehook", "train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in ("--model", "--layers", "--latents", "--k", "--tokens", "--batch-tokens", "--context", "--out",
+                 "--resume", "--corpus"):
+        assert flag in out
+
+
+@pytest.fixture
+def local_model(tmp_path):
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(124)]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>")
+    path = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(path)
+    tok.save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    text = tmp_path / "text"
+    text.mkdir()
+    for d in range(30):
+        ids = torch.randint(4, 128, (200,), generator=g).tolist()
+        (text / f"{d}.txt").write_text(" ".join(words[i] for i in ids))
+    return path, text
+
+
+def test_train_command_runs_and_resumes(local_model, tmp_path, capsys):
+    path, text = local_model
+    out = tmp_path / "run"
+    args = ["train", "--model", str(path), "--corpus", str(text), "--layers", "1", "model.layers.2",
+            "--latents", "64", "--k", "4", "--tokens", "3k", "--batch-tokens", "256", "--context", "16",
+            "--batch-size", "4", "--shuffle-buffer", "256", "--dtype", "float32", "--out", str(out),
+            "--checkpoint-every", "4", "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.1" in printed and "model.layers.2" in printed and "fvu" in printed
+    sae = saehook.TopKSAE.load(out / "model.layers.1")
+    assert (sae.n_latents, sae.k, sae.d_in) == (64, 4, 32) and sae.metadata["tokens"] >= 3000
+    steps = sae.metadata["steps"]
+    # resume with a larger budget continues from the checkpoint instead of starting over
+    args[args.index("3k")] = "4k"
+    assert main(args + ["--resume"]) == 0
+    again = saehook.TopKSAE.load(out / "model.layers.1")
+    assert again.metadata["steps"] > steps and again.metadata["tokens"] >= 4000
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(x["step"] for x in lines) == again.metadata["steps"]
