@@ -175,6 +175,39 @@ class TrainingSession:
         return scalars["position"]
 
 
+@torch.no_grad()
+def collect_activations(hooked, source, tokens: int, *, batch_size: int = 8, skip_positions: int = 1) -> dict:
+    """Run forward passes over ``source`` until ``tokens`` rows per hookpoint are gathered (first
+    ``skip_positions`` and padding excluded, each pass stopped after the deepest hookpoint); returns
+    ``{key: Tensor [tokens, d]}`` on the CPU. For sweeps that train many autoencoders on the same data."""
+    session = TrainingSession(hooked, TrainConfig(skip_positions=skip_positions, shuffle_buffer=0),
+                              stop_early=True)
+    rows: dict = {key: [] for key in hooked.saes}
+    counts = dict.fromkeys(hooked.saes, 0)
+
+    def tap(key, hp, x):
+        r = session.valid_rows(hp, x).float().cpu()
+        rows[key].append(r)
+        counts[key] += len(r)
+        session.seen.add(key)
+        if len(session.seen) == len(rows):
+            session.seen = set()
+            raise StopForward
+
+    device = _model_device(hooked.model)
+    hooked._taps.append(tap)
+    try:
+        for batch in iter_batches(source, batch_size=batch_size):
+            if min(counts.values()) >= tokens:
+                break
+            session.attention_mask = batch.get("attention_mask")
+            with contextlib.suppress(StopForward):
+                hooked.model(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()})
+    finally:
+        hooked._taps.remove(tap)
+    return {key: torch.cat(r)[:tokens] for key, r in rows.items()}
+
+
 def iter_batches(source, *, batch_size: int = 8, start: int = 0) -> Iterator[dict]:
     """Model inputs from a :class:`~saehook.Corpus`, an iterable of ``input_ids [B, T]`` tensors, or of
     dicts accepted by ``model(**batch)``; ``start`` skips that many batches (resume)."""
