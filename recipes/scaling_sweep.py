@@ -8,6 +8,7 @@ rows with SAETrainer; the loss is FVU on held-out rows.
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import saehook
@@ -65,7 +66,7 @@ print("fit:", {name: round(v, 4) for name, v in fit.to_dict().items()})
 (out / "sweep.json").write_text(json.dumps({"results": results, "fit": fit.to_dict()}, indent=2))
 
 fig, ax = plt.subplots(figsize=(6, 4))
-grid = torch.logspace(torch.tensor(min(args.latents)).log10().item(), torch.tensor(max(args.latents)).log10().item(), 50)
+grid = torch.logspace(math.log10(min(args.latents)), math.log10(max(args.latents)), 50)
 for k in args.ks:
     pts = [r for r in results if r["k"] == k]
     line = ax.plot([r["n_latents"] for r in pts], [r["fvu"] for r in pts], "o", label=f"k={k}")

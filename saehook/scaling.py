@@ -59,7 +59,7 @@ def fit_scaling_law(n: list[float], k: list[float], loss: list[float], restarts:
         p = init.clone().requires_grad_(True)
         opt = torch.optim.LBFGS([p], max_iter=500, line_search_fn="strong_wolfe")
 
-        def closure():
+        def closure(p=p, opt=opt):
             opt.zero_grad()
             err = (_predict(p, lk, ln).log() - y).pow(2).mean()
             err.backward()

@@ -178,7 +178,8 @@ def test_train_while_generating():
     sae = TopKSAE(32, 64, 4)
     w0 = sae.W_enc.clone()
     prompt = torch.randint(3, 128, (4, 8))
-    with saehook.attach(model, {1: sae}) as hooked, hooked.training(small_cfg(batch_tokens=32, shuffle_buffer=0)) as session:
+    cfg = small_cfg(batch_tokens=32, shuffle_buffer=0)
+    with saehook.attach(model, {1: sae}) as hooked, hooked.training(cfg) as session:
         model.generate(prompt, max_new_tokens=20, do_sample=False)
     assert session.trainers[1].step_count == 104 // 32  # 4 x 7 prompt rows (BOS position skipped) + 4 x 19 new
     assert not torch.equal(sae.W_enc, w0)
