@@ -5,7 +5,7 @@ single latents during generation. The method is Gao et al. (2024), "Scaling and 
 Autoencoders".
 """
 
-from . import corpus
+from . import corpus, envoy
 from .config import TrainConfig
 from .corpus import Corpus
 from .hooks import Hooked, attach
@@ -27,6 +27,7 @@ __all__ = [
     "TrainReport",
     "attach",
     "corpus",
+    "envoy",
     "fvu",
     "geometric_median",
     "load_model",
