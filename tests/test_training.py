@@ -251,3 +251,16 @@ def test_checkpoint_survives_kill(tmp_path):
         assert state["hookpoints"]["model.layers.1"]["step"] == int(latest.split("-")[1])
         assert TopKSAE.load(out / "model.layers.1").n_latents == sae.n_latents == 256
     assert kills == 4
+
+
+def test_training_curve_plot(tmp_path):
+    from saehook.plots import plot_training, read_metrics
+
+    model = tiny_model("llama")
+    with saehook.attach(model, {1: TopKSAE(32, 128, 4)}) as hooked:
+        hooked.train(source(30), tokens=3000, config=small_cfg(), out=tmp_path / "r", progress=False)
+    runs = read_metrics(tmp_path / "r")
+    steps = [m["step"] for m in runs["model.layers.1"]]
+    assert steps == sorted(steps) and steps[0] == 1 and steps[-1] == 12
+    png = plot_training({"auxk": tmp_path / "r"}, tmp_path / "curve.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -1,0 +1,50 @@
+"""Plots (matplotlib, PNG) of a training run's ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(path: str | Path) -> dict[str, list[dict]]:
+    """``metrics.jsonl`` (a file or a run directory) -> ``{hookpoint: [metrics dicts in step order]}``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    runs: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            m = json.loads(line)
+            runs.setdefault(m["hookpoint"], []).append(m)
+    for rows in runs.values():
+        rows.sort(key=lambda m: m["step"])
+    return runs
+
+
+def plot_training(runs: dict[str, str | Path], out: str | Path, title: str = "") -> Path:
+    """FVU and dead fraction over training tokens for one or more runs (``{label: run dir}``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, run in runs.items():
+        for hp, rows in read_metrics(run).items():
+            name = f"{label} {hp}" if len(runs) > 1 else hp
+            toks = [m["tokens"] for m in rows if "fvu" in m]
+            ax1.plot(toks, [m["fvu"] for m in rows if "fvu" in m], label=name)
+            ax2.plot([m["tokens"] for m in rows], [m["dead_frac"] for m in rows], label=name)
+    ax1.set(xlabel="training tokens", ylabel="FVU (training batch)", yscale="log", title="reconstruction")
+    ax2.set(xlabel="training tokens", ylabel="fraction of dead latents", title="dead latents")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
