@@ -4,8 +4,8 @@ Let ``x`` be the hookpoint activation, ``s`` the autoencoder's input scale, ``z`
 ``x_hat`` its reconstruction. Every edit maps the current value ``y`` (initially ``x``) to a new one,
 only at the positions it is restricted to:
 
-- splice:               ``y <- x_hat``                 (plain)
-- splice(keep_error):   ``y <- x_hat + (x - x_hat)``   (numerically ``x``; the SAE is in the graph)
+- splice:               ``y <- y - x + x_hat``         (``x_hat`` when no other edit acts)
+- splice(keep_error):   ``y <- x_hat + (y - x_hat)``   (numerically ``y``; the SAE is in the graph)
 - steer (add):          ``y <- y + sum_j v_j W_dec[j] / s``
 - steer (clamp):        ``y <- y + sum_j (v_j - z_j) W_dec[j] / s``   (latent j set to v_j, error kept)
 - ablate:               ``y <- y - sum_j z_j W_dec[j] / s``           (its share removed, error kept)
@@ -50,7 +50,7 @@ class Edit:
         if p is None:
             return None
         if isinstance(p, str):  # "generated"
-            if pos.shape[-1] > 1 and int(pos.min()) == 0:  # a prefill: remember where the prompt ends
+            if int(pos.min()) == 0:  # a prefill (even a one-token prompt): remember where the prompt ends
                 self.prompt_len = pos.max(-1).values + 1
             if self.prompt_len is None:
                 return None
@@ -69,8 +69,8 @@ class Edit:
 
     def apply(self, key, sae: TopKSAE, x: Tensor, y: Tensor, codes: Codes | None, x_hat: Tensor | None) -> Tensor:
         """The new value of ``y [..., d]`` at this edit's positions (before masking)."""
-        if self.kind == "splice":
-            return x_hat + (x - x_hat) if self.keep_error else x_hat
+        if self.kind == "splice":  # replace the clean part x of y by x_hat; other edits' shares stay
+            return x_hat + (y - x_hat) if self.keep_error else y - x + x_hat
         idx, vals = self.targets[key]
         W = sae.W_dec[idx] / sae.input_scale  # [m, d]
         if self.kind == "add":

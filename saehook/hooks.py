@@ -116,6 +116,7 @@ class Hooked:
     def _attach(self) -> None:
         try:
             _, layers = find_layers(self.model)
+            self._handles.append(self.model.register_forward_pre_hook(self._reset_positions))
             self._handles.append(layers[0].register_forward_pre_hook(self._capture_positions, with_kwargs=True))
             for hp in self.hookpoints.values():
                 site = _SiteHook(self, hp)
@@ -152,10 +153,15 @@ class Hooked:
         else:
             self._positions = None
 
+    def _reset_positions(self, module, args):
+        self._positions = None  # a new forward: positions are known once the first layer has run
+
     def _positions_for(self, hp: Hookpoint, x: Tensor) -> Tensor:
+        """The model's position ids for this forward (captured at the first decoder layer); before that
+        layer has run (e.g. at the embeddings) the positions of the current input, ``0..T-1``."""
         pos = self._positions
         T = x.shape[-2] if x.dim() >= 2 else 1
-        if hp.layer is not None and pos is not None and pos.shape[-1] == T:
+        if pos is not None and pos.shape[-1] == T:
             return pos.to(x.device)
         return torch.arange(T, device=x.device).unsqueeze(0)
 
@@ -177,7 +183,9 @@ class Hooked:
         if not (self.record or edits):
             return None
         xs = x.to(sae.W_enc.dtype)
-        codes = sae.encode(xs)
+        codes = None
+        if self.record or any(e.kind != "add" for e in edits):  # adding a fixed vector needs no code
+            codes = sae.encode(xs)
         if self.record:
             self.latents[key] = Codes(codes.values.detach(), codes.indices)
         if not edits:

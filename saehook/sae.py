@@ -155,32 +155,41 @@ class TopKSAE(nn.Module):
         """``Codes -> x_hat [..., d_in] = (W_dec^T z + b_dec) / s``, from the k active rows only."""
         return self._decode_normalised(codes) / self.input_scale
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None) -> SAEOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None,
+                matmul_dtype: torch.dtype | None = None) -> SAEOutput:
         """Encode, decode and measure. With ``dead_mask [n_latents]`` (bool), also the AuxK loss:
 
         ``e = x' - x_hat'`` (detached), ``e_hat = W_dec^T TopK_{k_aux}(dead pre-activations)``,
         ``auxk_fvu = ||e - e_hat||^2 / ||e - mean(e)||^2``. ``k_aux`` defaults to ``d_in // 2``.
+
+        The encoder runs as one autograd function (:mod:`saehook.kernels`): only the pre-activation
+        matmul is dense (in ``matmul_dtype`` if given, e.g. bfloat16); the backward touches the k selected
+        latents per row. Gradients equal those of the dense formula.
         """
-        pre = self.pre_acts(x)
-        xn = x.to(pre.dtype) * self.input_scale
+        from .kernels import TopKEncode
+
+        self._check_width(x)
+        lead = x.shape[:-1]
+        xn = x.reshape(-1, self.d_in).to(self.W_enc.dtype) * self.input_scale
         k_big = min(4 * self.k, self.n_latents) if self.multi_topk else self.k
-        big = self._topk(pre, k_big)
-        codes = Codes(big.values[..., : self.k], big.indices[..., : self.k])
-        xn_hat = self._decode_normalised(codes)
-        main = fvu(xn, xn_hat)
-
-        multi = fvu(xn, self._decode_normalised(big)) if self.multi_topk else None
-
-        auxk = None
+        dm, n_aux = None, 0
         if dead_mask is not None:
             n_dead = int(dead_mask.sum())
             if n_dead > 0:
-                k_aux = min(k_aux or self.d_in // 2, n_dead)
-                dead_pre = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
-                aux_codes = self._topk(dead_pre, k_aux)
-                e = (xn - xn_hat).detach()
-                auxk = fvu(e, self._decode_normalised(aux_codes, bias=False))
-        return SAEOutput(xn_hat / self.input_scale, codes, main, auxk, multi)
+                dm, n_aux = dead_mask.to(xn.device), min(k_aux or self.d_in // 2, n_dead)
+        vals, idx, aux_vals, aux_idx = TopKEncode.apply(xn, self.W_enc, self.b_enc, self.b_dec, k_big, dm, n_aux,
+                                                        matmul_dtype)
+        codes = Codes(vals[:, : self.k], idx[:, : self.k])
+        xn_hat = self._decode_normalised(codes)
+        main = fvu(xn, xn_hat)
+        multi = fvu(xn, self._decode_normalised(Codes(vals, idx))) if self.multi_topk else None
+        auxk = None
+        if dm is not None:
+            e = (xn - xn_hat).detach()
+            auxk = fvu(e, self._decode_normalised(Codes(aux_vals, aux_idx), bias=False))
+        x_hat = (xn_hat / self.input_scale).reshape(*lead, self.d_in)
+        return SAEOutput(x_hat, Codes(codes.values.reshape(*lead, self.k), codes.indices.reshape(*lead, self.k)),
+                         main, auxk, multi)
 
     # ------------------------------------------------------------------ in-place maintenance
     @torch.no_grad()

@@ -296,3 +296,61 @@ def test_bf16_model_fp32_autoencoder(ids):
         cap.handle.remove()
     assert out.dtype == torch.bfloat16 and cap.outs[0].dtype == torch.bfloat16
     assert sae.W_enc.dtype == torch.float32 and hooked.latents[1].values.dtype == torch.float32
+
+
+def test_one_token_prompt_generated_positions(model):
+    """A one-token prompt is still a prefill: 'generated' edits leave the prompt token alone."""
+    sae = sae_for(model)
+    prompt = torch.tensor([[5]])
+    clean_first = model(prompt).logits[0, -1]
+    with attach(model, {1: sae}) as hooked, hooked.steer({1: {7: 6.0}}, positions="generated"):
+        out = model.generate(prompt, max_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    torch.testing.assert_close(out.logits[0][0], clean_first)
+    assert (out.logits[1][0] - model(out.sequences[:, :2]).logits[0, -1]).abs().max() > 1e-3
+
+
+def test_positions_after_the_layer_stack_follow_the_cache(model, ids):
+    """Hookpoints after the layers (lm_head input) use the model's positions under a KV cache too."""
+    name = "lm_head" if hasattr(model, "lm_head") else "embed_out"
+    sae = sae_for(model)
+    prompt = ids[:1, :5]
+    with attach(model, {f"{name}:input": sae}) as hooked:
+        with hooked.steer({f"{name}:input": {3: 5.0}}, positions=6):
+            out = model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+            full = model(out.sequences).logits
+    gen = torch.stack(out.logits, 1)[0]
+    torch.testing.assert_close(gen, full[0, 4:-1], atol=1e-4, rtol=1e-4)
+    clean = model(out.sequences).logits
+    assert torch.equal(gen[:2], clean[0, 4:6]) or (gen[:2] - clean[0, 4:6]).abs().max() < 1e-5
+    assert (gen[2:] - clean[0, 6:8]).abs().max() > 1e-3  # positions 6, 7 steered through the cache
+
+
+@pytest.mark.parametrize("order", ["steer_outside", "splice_outside"])
+def test_splice_and_steer_compose_in_any_order(model, ids, order):
+    sae = sae_for(model)
+    with attach(model, {1: sae}) as hooked:
+        cap = Capture(layer_module(hooked, 1))
+        a, b = (hooked.steer({1: {4: 3.0}}), hooked.splice()) if order == "steer_outside" else \
+            (hooked.splice(), hooked.steer({1: {4: 3.0}}))
+        with a, b:
+            model(ids)
+        with hooked.splice():
+            model(ids)
+        cap.handle.remove()
+    both, spliced = cap.outs
+    torch.testing.assert_close(both - spliced, (3.0 * sae.W_dec[4]).expand_as(both), atol=1e-5, rtol=1e-5)
+
+
+def test_steer_add_without_recording_skips_the_encoder(model, ids):
+    sae = sae_for(model)
+    calls = []
+    orig = sae.encode
+    sae.encode = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    with attach(model, {1: sae}, record=False) as hooked, hooked.steer({1: {2: 1.0}}):
+        model(ids)
+    assert calls == [] and hooked.latents == {}
+    with attach(model, {1: sae}, record=False) as hooked, hooked.ablate({1: [2]}):
+        model(ids)
+    assert calls == [1]
