@@ -21,6 +21,8 @@ at the k-th place; the selected main values are recomputed exactly; AuxK values 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,6 +37,20 @@ def _gather_pre(xc: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor
         rows = W_enc[idx[s:s + step]]  # [c, K, d]
         out[s:s + step] = torch.bmm(rows, xc[s:s + step, :, None]).squeeze(-1)
     return out + b_enc[idx]
+
+
+def _sparse_t_matmul(flat_idx: Tensor, flat_w: Tensor, N: int, K: int, n: int, dense: Tensor) -> Tensor:
+    """``G @ dense`` for the sparse ``G [n, N]`` holding ``flat_w`` at ``(flat_idx, row)`` (K entries per
+    row): sums ``w * dense[row]`` into each latent's row. Built as CSR (one sort by latent), about twice
+    as fast on CPU as a coalesced COO product."""
+    order = flat_idx.argsort()
+    crow = torch.zeros(n + 1, dtype=torch.long, device=flat_idx.device)
+    crow[1:] = torch.bincount(flat_idx, minlength=n).cumsum(0)
+    cols = torch.div(order, K, rounding_mode="floor")  # the row of each sorted entry
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        G = torch.sparse_csr_tensor(crow, cols, flat_w[order], (n, N))
+    return G @ dense
 
 
 class TopKEncode(torch.autograd.Function):
@@ -76,9 +92,7 @@ class TopKEncode(torch.autograd.Function):
         grad_b_enc = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, flat_idx, flat_g)
         grad_W_enc = None
         if ctx.needs_input_grad[1]:
-            rows = torch.arange(N, device=idx.device).repeat_interleave(K)
-            G = torch.sparse_coo_tensor(torch.stack([flat_idx, rows]), flat_g, (n, N), check_invariants=False)
-            grad_W_enc = torch.sparse.mm(G.coalesce(), xc)
+            grad_W_enc = _sparse_t_matmul(flat_idx, flat_g, N, K, n, xc)
         grad_b_dec = -(grad_b_enc @ W_enc) if ctx.needs_input_grad[3] else None
         grad_x = None
         if ctx.needs_input_grad[0]:

@@ -100,7 +100,7 @@ class SAETrainer:
         if not self.initialized:
             self.initialize(acts)
         dead = self.dead_mask if cfg.auxk else None
-        out = sae(acts, dead_mask=dead, k_aux=self.k_aux)
+        out = sae(acts, dead_mask=dead, k_aux=self.k_aux, matmul_dtype=getattr(torch, cfg.matmul_dtype))
         loss = out.fvu
         if out.auxk_fvu is not None:
             loss = loss + cfg.auxk_coef * out.auxk_fvu
