@@ -208,13 +208,28 @@ def collect_activations(hooked, source, tokens: int, *, batch_size: int = 8, ski
     return {key: torch.cat(r)[:tokens] for key, r in rows.items()}
 
 
+def _epochs(corpus, batch_size: int) -> Iterator[Tensor]:
+    """The corpus's training windows, repeated when a pass is exhausted (the same order every epoch;
+    the shuffle buffer mixes rows across windows)."""
+    epoch = 0
+    while True:
+        n = 0
+        for batch in corpus.windows("train", batch_size=batch_size):
+            n += 1
+            yield batch
+        if n == 0:
+            raise ValueError(f"the corpus has no full batch of {batch_size} windows of {corpus.context} tokens")
+        epoch += 1
+        log.info("corpus pass %d done after %d batches; starting over", epoch, n)
+
+
 def iter_batches(source, *, batch_size: int = 8, start: int = 0) -> Iterator[dict]:
-    """Model inputs from a :class:`~saehook.Corpus`, an iterable of ``input_ids [B, T]`` tensors, or of
+    """Model inputs from a :class:`~saehook.Corpus` (repeated as needed), an iterable of ``input_ids [B, T]`` tensors, or of
     dicts accepted by ``model(**batch)``; ``start`` skips that many batches (resume)."""
     from .corpus import Corpus
 
     if isinstance(source, Corpus):
-        it: Iterable = source.windows("train", batch_size=batch_size, start=start)
+        it: Iterable = islice(_epochs(source, batch_size), start, None)
     elif isinstance(source, Tensor):
         raise TypeError("pass an iterable of input_ids batches (e.g. a list of [B, T] tensors), not one tensor")
     else:

@@ -264,3 +264,30 @@ def test_training_curve_plot(tmp_path):
     assert steps == sorted(steps) and steps[0] == 1 and steps[-1] == 12
     png = plot_training({"auxk": tmp_path / "r"}, tmp_path / "curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_corpus_source_repeats_when_exhausted():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from saehook.training import iter_batches
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(20)]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    docs = [saehook.corpus.Document(" ".join(f"w{(i * 7 + j) % 20}" for j in range(40)), id=str(i)) for i in range(6)]
+    corpus = saehook.Corpus(docs, tok, context=8, holdout=0.0)
+    one_pass = list(corpus.windows("train", batch_size=2))
+    batches = [b["input_ids"] for b in islice_(iter_batches(corpus, batch_size=2), 3 * len(one_pass))]
+    assert len(one_pass) > 3
+    for i, b in enumerate(batches):
+        assert torch.equal(b, one_pass[i % len(one_pass)])
+    resumed = next(iter_batches(corpus, batch_size=2, start=len(one_pass) + 2))["input_ids"]
+    assert torch.equal(resumed, one_pass[2])
+
+
+def islice_(it, n):
+    from itertools import islice
+
+    return islice(it, n)
