@@ -5,9 +5,10 @@ single latents during generation. The method is Gao et al. (2024), "Scaling and 
 Autoencoders".
 """
 
-from . import corpus, envoy
+from . import corpus, envoy, formats, hub
 from .config import TrainConfig
 from .corpus import Corpus
+from .formats import FormatError, LayerNormTopKSAE, LNCodes, load
 from .hooks import Hooked, attach
 from .models import load_model
 from .sae import Codes, SAEConfigError, SAEOutput, TopKSAE, fvu, geometric_median
@@ -17,6 +18,9 @@ from .training import TrainReport
 __all__ = [
     "Codes",
     "Corpus",
+    "FormatError",
+    "LNCodes",
+    "LayerNormTopKSAE",
     "Hooked",
     "NonFiniteError",
     "SAEConfigError",
@@ -28,6 +32,9 @@ __all__ = [
     "attach",
     "corpus",
     "envoy",
+    "formats",
+    "hub",
+    "load",
     "fvu",
     "geometric_median",
     "load_model",

@@ -72,14 +72,14 @@ class Edit:
         if self.kind == "splice":  # replace the clean part x of y by x_hat; other edits' shares stay
             return x_hat + (y - x_hat) if self.keep_error else y - x + x_hat
         idx, vals = self.targets[key]
-        W = sae.W_dec[idx] / sae.input_scale  # [m, d]
+        W = sae.W_dec[idx]  # [m, d]
         if self.kind == "add":
-            return y + vals.to(W.dtype) @ W
+            return y + sae.unscale(vals.to(W.dtype) @ W, codes)
         # clamp / ablate: current activation of each target latent, 0 where it is not among the top k
         hit = codes.indices.unsqueeze(-1) == idx  # [..., k, m]
         current = (hit * codes.values.unsqueeze(-1)).sum(-2)  # [..., m]
         target = vals.to(W.dtype) if self.kind == "clamp" else torch.zeros_like(current)
-        return y + (target - current) @ W
+        return y + sae.unscale((target - current) @ W, codes)
 
 
 def check_positions(positions: Positions) -> None:

@@ -184,7 +184,8 @@ class Hooked:
             return None
         xs = x.to(sae.W_enc.dtype)
         codes = None
-        if self.record or any(e.kind != "add" for e in edits):  # adding a fixed vector needs no code
+        # adding a fixed vector needs no code (unless the normalisation is per row)
+        if self.record or sae.per_row_scale or any(e.kind != "add" for e in edits):
             codes = sae.encode(xs)
         if self.record:
             self.latents[key] = Codes(codes.values.detach(), codes.indices)

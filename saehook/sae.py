@@ -151,6 +151,14 @@ class TopKSAE(nn.Module):
         out = out.reshape(*shape[:-1], self.d_in)
         return out + self.b_dec if bias else out
 
+    per_row_scale = False
+    """True for subclasses whose normalisation depends on each row (e.g. a layer norm), so that turning a
+    latent-space change into activation units needs that row's code (see :meth:`unscale`)."""
+
+    def unscale(self, delta: Tensor, codes: Codes | None = None) -> Tensor:
+        """Turn a change made in normalised units (e.g. ``v * W_dec[j]``) into activation units: ``/ s``."""
+        return delta / self.input_scale
+
     def decode(self, codes: Codes) -> Tensor:
         """``Codes -> x_hat [..., d_in] = (W_dec^T z + b_dec) / s``, from the k active rows only."""
         return self._decode_normalised(codes) / self.input_scale

@@ -162,7 +162,7 @@ class TrainingSession:
             d = hookpoint_dirname(self.hooked.hookpoints[key])
             if d not in scalars["hookpoints"]:
                 raise ValueError(f"checkpoint {ck} has no state for {d}; it has {sorted(scalars['hookpoints'])}")
-            saved = TopKSAE.load(ck / d, device=tr.sae.W_enc.device)
+            saved = type(tr.sae).load(ck / d, device=tr.sae.W_enc.device)
             if (saved.d_in, saved.n_latents, saved.k) != (tr.sae.d_in, tr.sae.n_latents, tr.sae.k):
                 raise ValueError(f"checkpoint autoencoder for {d} has shape {(saved.d_in, saved.n_latents, saved.k)}"
                                  f", the attached one {(tr.sae.d_in, tr.sae.n_latents, tr.sae.k)}")
@@ -218,7 +218,8 @@ def _epochs(corpus, batch_size: int) -> Iterator[Tensor]:
             n += 1
             yield batch
         if n == 0:
-            raise ValueError(f"the corpus has no full batch of {batch_size} windows of {corpus.context} tokens")
+            raise ValueError(f"the corpus has no full batch of {batch_size} windows of "
+                             f"{corpus.context} tokens")
         epoch += 1
         log.info("corpus pass %d done after %d batches; starting over", epoch, n)
 
@@ -357,7 +358,8 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
             log.warning("source exhausted after %d of %d tokens", session.tokens, tokens)
         if out is not None:
             for key, tr in session.trainers.items():
-                tr.sae.metadata.update(hookpoint=str(hooked.hookpoints[key]), tokens=tr.tokens, steps=tr.step_count)
+                tr.sae.metadata.update(hookpoint=str(hooked.hookpoints[key]), tokens=tr.tokens, steps=tr.step_count,
+                                       model=getattr(getattr(hooked.model, "config", None), "_name_or_path", None))
             session.save(out, position)
     finally:
         hooked._taps.remove(session.tap) if session.tap in hooked._taps else None

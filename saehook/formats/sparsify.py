@@ -1,0 +1,125 @@
+"""EleutherAI sparsify: ``<hookpoint>/cfg.json`` + ``<hookpoint>/sae.safetensors``.
+
+sparsify's ``SparseCoder`` computes ``z = TopK(ReLU(encoder(x - b_dec)))`` and ``x_hat = z W_dec + b_dec``
+with ``encoder.weight [n, d]``, ``encoder.bias [n]``, ``W_dec [n, d]``, ``b_dec [d]`` and no input
+normalisation. ReLU is monotone, so ReLU-then-TopK and saehook's TopK-then-ReLU give the same values; the two
+only differ in which zero-valued latents fill the k slots of a row with fewer than k positive
+pre-activations, which changes no reconstruction.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..sae import TopKSAE
+from ._common import (
+    FormatError,
+    build_sae,
+    check_tensors,
+    folded_weights,
+    listing,
+    read_json,
+    read_safetensors,
+    tensor_names,
+    write_json,
+    write_safetensors,
+)
+
+CFG = "cfg.json"
+WEIGHTS = "sae.safetensors"
+TENSORS = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
+
+
+def is_sparsify_dir(path: Path) -> bool:
+    """``cfg.json`` + ``sae.safetensors`` holding sparsify's tensor names (not saehook's)."""
+    return (path / CFG).is_file() and (path / WEIGHTS).is_file() and "encoder.weight" in tensor_names(path / WEIGHTS)
+
+
+def load_sparsify(path: str | os.PathLike, *, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> TopKSAE:
+    """One sparsify autoencoder folder -> :class:`~saehook.TopKSAE` (same latents and reconstructions).
+
+    ``dtype`` defaults to the file's. ``metadata`` gets ``hookpoint`` (the folder name, which is how sparsify
+    names them), ``source_format`` and the original ``sparsify_cfg``. Transcoders (``transcode``), skip
+    connections (``W_skip``) and non-TopK activations are refused with the reason.
+    """
+    path = Path(path)
+    cfg = read_json(path / CFG)
+    where = str(path)
+    activation = cfg.get("activation", "topk")
+    if activation != "topk":
+        raise FormatError(f"{where} is a sparsify autoencoder with activation {activation!r}; saehook loads TopK "
+                          f"autoencoders only")
+    if cfg.get("transcode"):
+        raise FormatError(f"{where} is a sparsify transcoder (transcode=true: it predicts a different activation "
+                          f"than it reads); saehook loads autoencoders that reconstruct their input only")
+    t = read_safetensors(path / WEIGHTS)
+    if cfg.get("skip_connection") or "W_skip" in t:
+        raise FormatError(f"{where} has a skip connection (W_skip); saehook's TopKSAE has none, so it cannot be "
+                          f"loaded without changing its reconstructions")
+    check_tensors(t, TENSORS, set(), where, "sparsify")
+    if "k" not in cfg:
+        raise FormatError(f"{path / CFG} has no 'k'; it has {sorted(cfg)}")
+    W_enc = t["encoder.weight"]
+    n, d = W_enc.shape
+    if cfg.get("d_in", d) != d or cfg.get("num_latents") not in (None, 0, n):
+        raise FormatError(f"{where}: cfg.json (d_in={cfg.get('d_in')}, num_latents={cfg.get('num_latents')}) "
+                          f"does not match encoder.weight of shape {tuple(W_enc.shape)} [num_latents, d_in]")
+    meta = {"hookpoint": path.name, "source_format": "sparsify", "sparsify_cfg": cfg}
+    return build_sae(W_enc, t["encoder.bias"], t["W_dec"], t["b_dec"], cfg["k"], where=where,
+                     multi_topk=bool(cfg.get("multi_topk", False)), dtype=dtype, device=device, metadata=meta)
+
+
+def load_sparsify_dir(path: str | os.PathLike, *, device: torch.device | str | None = None,
+                      dtype: torch.dtype | None = None) -> dict[str, TopKSAE]:
+    """A sparsify run folder (one ``<hookpoint>/`` sub-folder per hookpoint) -> ``{hookpoint: TopKSAE}``.
+
+    A single autoencoder folder gives a one-entry dict keyed by its folder name.
+    """
+    path = Path(path)
+    if is_sparsify_dir(path):
+        return {path.name: load_sparsify(path, device=device, dtype=dtype)}
+    subs = sorted(p for p in path.iterdir() if p.is_dir() and is_sparsify_dir(p)) if path.is_dir() else []
+    if not subs:
+        raise FormatError(f"{path} holds no sparsify autoencoder (<hookpoint>/cfg.json + sae.safetensors with "
+                          f"encoder.weight); found {listing(path)}")
+    return {p.name: load_sparsify(p, device=device, dtype=dtype) for p in subs}
+
+
+def save_sparsify(sae: TopKSAE, path: str | os.PathLike) -> Path:
+    """Write ``path/cfg.json`` + ``path/sae.safetensors`` in sparsify's layout (``SparseCoder.load_from_disk``).
+
+    sparsify has no input normalisation, so a scalar ``input_scale`` s != 1 is folded into the weights
+    (``encoder.weight = s W_enc``, ``W_dec / s``, ``b_dec / s``): latents and reconstructions are unchanged.
+    ``normalize_decoder`` is written true only if the (folded) decoder rows have unit norm, since sparsify
+    renormalises them after every training step. A layer-norm autoencoder cannot be represented: error.
+    """
+    from .layernorm import LayerNormTopKSAE
+
+    if isinstance(sae, LayerNormTopKSAE):
+        raise FormatError("sparsify has no per-row layer-norm input normalisation, so this LayerNormTopKSAE cannot "
+                          "be written in its format without changing its outputs; use save_saelens (layer_norm) "
+                          "or sae.save")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    W_enc, b_enc, W_dec, b_dec = folded_weights(sae)
+    unit = bool(torch.allclose(W_dec.double().norm(dim=1), torch.ones(sae.n_latents, dtype=torch.float64),
+                               atol=1e-3))
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": max(1, sae.n_latents // sae.d_in),
+        "normalize_decoder": unit,
+        "num_latents": sae.n_latents,
+        "k": sae.k,
+        "multi_topk": sae.multi_topk,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": sae.d_in,
+    }
+    tensors = {"encoder.weight": W_enc, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    write_safetensors(path / WEIGHTS, tensors, metadata={"format": "pt"})
+    write_json(path / CFG, cfg)
+    return path
