@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .buffer import ShuffleBuffer
 from .config import TrainConfig
-from .sae import TopKSAE, _atomic_write
+from .sae import _atomic_write
 from .trainer import SAETrainer
 
 log = logging.getLogger(__name__)
@@ -225,8 +225,8 @@ def _epochs(corpus, batch_size: int) -> Iterator[Tensor]:
 
 
 def iter_batches(source, *, batch_size: int = 8, start: int = 0) -> Iterator[dict]:
-    """Model inputs from a :class:`~saehook.Corpus` (repeated as needed), an iterable of ``input_ids [B, T]`` tensors, or of
-    dicts accepted by ``model(**batch)``; ``start`` skips that many batches (resume)."""
+    """Model inputs from a :class:`~saehook.Corpus` (repeated as needed), an iterable of ``input_ids [B, T]``
+    tensors, or of dicts accepted by ``model(**batch)``; ``start`` skips that many batches (resume)."""
     from .corpus import Corpus
 
     if isinstance(source, Corpus):
