@@ -25,15 +25,20 @@ class ShuffleBuffer:
             self.rows.append(x.detach().reshape(-1, self.d).clone())
             self.n += len(self.rows[-1])
 
-    def batches(self, flush: bool = False) -> list[Tensor]:
-        """Full batches ready to train on; ``flush`` also drains the mixing reserve (end of a run)."""
+    def ready(self, flush: bool = False) -> int:
+        """How many full batches :meth:`batches` would return now."""
         keep = 0 if flush else self.capacity
-        if self.n < keep + self.batch:
+        return 0 if self.n < keep + self.batch else (self.n - keep) // self.batch
+
+    def batches(self, flush: bool = False, limit: int | None = None) -> list[Tensor]:
+        """Full batches ready to train on (at most ``limit``); ``flush`` also drains the mixing reserve."""
+        n_batches = self.ready(flush) if limit is None else min(limit, self.ready(flush))
+        if n_batches == 0:
             return []
         allrows = torch.cat(self.rows)
         if self.capacity:
             allrows = allrows[torch.randperm(len(allrows), generator=self.gen).to(allrows.device)]
-        n_out = (len(allrows) - keep) // self.batch * self.batch
+        n_out = n_batches * self.batch
         out = list(allrows[:n_out].split(self.batch))
         rest = allrows[n_out:]
         self.rows, self.n = ([rest] if len(rest) else []), len(rest)

@@ -259,7 +259,7 @@ class Hooked:
 
     # ------------------------------------------------------------------ training
     def train(self, source, tokens: int, config=None, out=None, *, resume: bool = False, batch_size: int = 8,
-              progress: bool = True, log_to=()):
+              progress: bool = True, log_to=(), shard: str = "data"):
         """Train every attached autoencoder online from forward passes over ``source``.
 
         ``source``: a :class:`~saehook.Corpus` (windows of ``batch_size``), an iterable of ``input_ids``
@@ -267,12 +267,15 @@ class Hooked:
         after the deepest one. ``tokens`` bounds the run (activation rows trained on per hookpoint).
         ``out``: checkpoints, ``<hookpoint>/`` autoencoders and ``metrics.jsonl``; ``resume=True``
         continues from its latest checkpoint exactly. ``log_to``: ``("tensorboard", "wandb")``.
+        Under ``torchrun`` / ``accelerate launch`` it runs on every rank: ``shard="data"`` (DDP, each rank
+        its own slice of ``source``) or ``shard="layers"`` (each rank owns some autoencoders); see
+        :mod:`saehook.distributed`.
         Returns a :class:`~saehook.training.TrainReport` (``report[key]``: last metrics).
         """
         from .training import train
 
         return train(self, source, tokens, config, out, resume=resume, batch_size=batch_size,
-                     progress=progress, log_to=log_to)
+                     progress=progress, log_to=log_to, shard=shard)
 
     @contextlib.contextmanager
     def training(self, config=None, *, total_tokens: int | None = None):
@@ -281,7 +284,7 @@ class Hooked:
         ``config.batch_tokens`` rows is full. Yields the :class:`~saehook.training.TrainingSession`
         (its ``trainers[key]`` hold step counts and ``last[key]`` the latest metrics)."""
         from .config import TrainConfig
-        from .training import TrainingSession
+        from .session import TrainingSession
 
         session = TrainingSession(self, config or TrainConfig(), total_tokens=total_tokens)
 

@@ -9,10 +9,9 @@ from pathlib import Path
 def read_metrics(path: str | Path) -> dict[str, list[dict]]:
     """``metrics.jsonl`` (a file or a run directory) -> ``{hookpoint: [metrics dicts in step order]}``."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
+    files = sorted(path.glob("metrics*.jsonl")) if path.is_dir() else [path]  # + metrics.rank<r>.jsonl
     runs: dict[str, list[dict]] = {}
-    for line in path.read_text().splitlines():
+    for line in (ln for f in files for ln in f.read_text().splitlines()):
         if line.strip():
             m = json.loads(line)
             runs.setdefault(m["hookpoint"], []).append(m)

@@ -72,11 +72,18 @@ def _check_sizes(d_in: int, n_latents: int, k: int) -> None:
         raise SAEConfigError(f"k={k} is larger than n_latents={n_latents}: TopK needs k <= n_latents")
 
 
-def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Fraction of variance unexplained: ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over rows."""
+def total_variance(x: Tensor) -> Tensor:
+    """``sum_i ||x_i - mean(x)||^2`` over the rows of ``x [..., d]``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return (x2 - x2.mean(0)).pow(2).sum()
+
+
+def fvu(x: Tensor, x_hat: Tensor, variance: Tensor | None = None) -> Tensor:
+    """Fraction of variance unexplained: ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over rows
+    (``variance`` replaces the denominator, e.g. the variance of the whole batch across ranks)."""
     x2 = x.reshape(-1, x.shape[-1])
     err = (x2 - x_hat.reshape(x2.shape)).pow(2).sum()
-    var = (x2 - x2.mean(0)).pow(2).sum()
+    var = total_variance(x2) if variance is None else variance
     return err / var.clamp_min(torch.finfo(var.dtype).tiny)
 
 
@@ -89,7 +96,8 @@ class TopKSAE(nn.Module):
         k: number of active latents per row.
         multi_topk: also train the top ``4k`` reconstruction (loss ``L(k) + L(4k)/8``), which makes
             the code usable at other k at test time.
-        dtype, device: of the parameters (default float32 on CPU).
+        dtype: of the parameters (default float32).
+        device: of the parameters (default CPU).
 
     Parameters: ``W_enc [n_latents, d_in]``, ``b_enc [n_latents]``, ``W_dec [n_latents, d_in]``,
     ``b_dec [d_in]``; buffer ``input_scale`` (scalar, 1 = no normalisation).
@@ -164,7 +172,7 @@ class TopKSAE(nn.Module):
         return self._decode_normalised(codes) / self.input_scale
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None,
-                matmul_dtype: torch.dtype | None = None) -> SAEOutput:
+                matmul_dtype: torch.dtype | None = None, variance_fn=None) -> SAEOutput:
         """Encode, decode and measure. With ``dead_mask [n_latents]`` (bool), also the AuxK loss:
 
         ``e = x' - x_hat'`` (detached), ``e_hat = W_dec^T TopK_{k_aux}(dead pre-activations)``,
@@ -172,7 +180,8 @@ class TopKSAE(nn.Module):
 
         The encoder runs as one autograd function (:mod:`saehook.kernels`): only the pre-activation
         matmul is dense (in ``matmul_dtype`` if given, e.g. bfloat16); the backward touches the k selected
-        latents per row. Gradients equal those of the dense formula.
+        latents per row. Gradients equal those of the dense formula. ``variance_fn`` maps rows to the
+        FVU denominator (default :func:`total_variance`; data-parallel training passes a global one).
         """
         from .kernels import TopKEncode
 
@@ -189,12 +198,14 @@ class TopKSAE(nn.Module):
                                                         matmul_dtype)
         codes = Codes(vals[:, : self.k], idx[:, : self.k])
         xn_hat = self._decode_normalised(codes)
-        main = fvu(xn, xn_hat)
-        multi = fvu(xn, self._decode_normalised(Codes(vals, idx))) if self.multi_topk else None
+        var = (variance_fn or total_variance)
+        var_x = var(xn)
+        main = fvu(xn, xn_hat, var_x)
+        multi = fvu(xn, self._decode_normalised(Codes(vals, idx)), var_x) if self.multi_topk else None
         auxk = None
         if dm is not None:
             e = (xn - xn_hat).detach()
-            auxk = fvu(e, self._decode_normalised(Codes(aux_vals, aux_idx), bias=False))
+            auxk = fvu(e, self._decode_normalised(Codes(aux_vals, aux_idx), bias=False), var(e))
         x_hat = (xn_hat / self.input_scale).reshape(*lead, self.d_in)
         return SAEOutput(x_hat, Codes(codes.values.reshape(*lead, self.k), codes.indices.reshape(*lead, self.k)),
                          main, auxk, multi)
@@ -305,6 +316,7 @@ class TopKSAE(nn.Module):
         return sae
 
     def extra_repr(self) -> str:
+        """The sizes and input scale, shown in ``repr(sae)``."""
         return (f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}, multi_topk={self.multi_topk}, "
                 f"input_scale={float(self.input_scale):.4g}")
 

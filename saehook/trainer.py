@@ -39,8 +39,10 @@ class SAETrainer:
     """
 
     def __init__(self, sae: TopKSAE, config: TrainConfig | None = None, *, total_tokens: int | None = None,
-                 name: str = "sae"):
+                 name: str = "sae", dist=None):
         self.sae, self.cfg, self.name = sae, config or TrainConfig(), name
+        self.dist = dist  # a saehook.distributed.Dist for data-parallel training, else None
+        self.ddp = None
         cfg = self.cfg
         self.lr = cfg.lr_for(sae.n_latents)
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=cfg.betas, eps=cfg.eps)
@@ -60,8 +62,13 @@ class SAETrainer:
     # ------------------------------------------------------------------ init from data
     @torch.no_grad()
     def initialize(self, acts: Tensor) -> None:
-        """Input scale and ``b_dec`` from a sample of activations (called by the first :meth:`step`)."""
+        """Input scale and ``b_dec`` from a sample of activations (called by the first :meth:`step`; with
+        several ranks, from the rows of every rank)."""
         sample = acts[: self.cfg.init_samples].to(self.sae.W_enc)
+        if self.dist is not None:
+            from .distributed import all_gather_rows
+
+            sample = all_gather_rows(sample)
         if self.cfg.normalize:
             s = self.sae.set_input_scale_(sample)
             log.info("%s: input scale %.4g (mean row norm %.4g)", self.name, s, math.sqrt(self.sae.d_in) / s)
@@ -100,7 +107,15 @@ class SAETrainer:
         if not self.initialized:
             self.initialize(acts)
         dead = self.dead_mask if cfg.auxk else None
-        out = sae(acts, dead_mask=dead, k_aux=self.k_aux, matmul_dtype=getattr(torch, cfg.matmul_dtype))
+        kw = dict(dead_mask=dead, k_aux=self.k_aux, matmul_dtype=getattr(torch, cfg.matmul_dtype))
+        if self.dist is None:
+            out = sae(acts, **kw)
+        else:  # DDP averages gradients; a global FVU denominator makes N ranks equal one N-times batch
+            from .distributed import global_variance
+
+            if self.ddp is None:
+                self.ddp = torch.nn.parallel.DistributedDataParallel(sae, broadcast_buffers=False)
+            out = self.ddp(acts, variance_fn=global_variance, **kw)
         loss = out.fvu
         if out.auxk_fvu is not None:
             loss = loss + cfg.auxk_coef * out.auxk_fvu
@@ -109,7 +124,7 @@ class SAETrainer:
         if not self._check_finite("loss", loss.detach()):
             return self._metrics(None)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * (self.dist.world if self.dist else 1)).backward()
         sae.remove_parallel_decoder_grad_()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
@@ -120,11 +135,22 @@ class SAETrainer:
             fired = torch.zeros_like(self.tokens_since_fired)
             active = out.codes.indices[out.codes.values > 0]
             fired.index_add_(0, active, torch.ones_like(active))
-            self.tokens_since_fired += len(acts)
+            n_rows, n_active = len(acts), len(active)
+            if self.dist is not None:  # every rank agrees on dead latents, tokens and the reported losses
+                from .distributed import all_reduce
+
+                counts = torch.tensor([n_rows, n_active], dtype=torch.long, device=fired.device)
+                all_reduce(fired)
+                all_reduce(counts)
+                n_rows, n_active = int(counts[0]), int(counts[1])
+                out = out._replace(**{f: all_reduce(getattr(out, f).detach().clone())
+                                      for f in ("fvu", "auxk_fvu", "multi_topk_fvu") if getattr(out, f) is not None})
+                loss = all_reduce(loss.detach().clone())
+            self.tokens_since_fired += n_rows
             self.tokens_since_fired[fired > 0] = 0
         self.step_count += 1
-        self.tokens += len(acts)
-        return self._metrics(out, loss, len(active) / len(acts))
+        self.tokens += n_rows
+        return self._metrics(out, loss, n_active / n_rows)
 
     @torch.no_grad()
     def _update_ema(self) -> None:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,19 +25,16 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .buffer import ShuffleBuffer
+from . import distributed as D
 from .config import TrainConfig
-from .sae import _atomic_write
-from .trainer import SAETrainer
+from .session import StopForward, TrainingSession, hookpoint_dirname
+
+__all__ = ["StopForward", "TrainReport", "TrainingSession", "collect_activations", "hookpoint_dirname",
+           "iter_batches", "train"]
 
 log = logging.getLogger(__name__)
-
-
-class StopForward(Exception):
-    """Raised inside the model once every hookpoint has been read: the rest of the pass is skipped."""
 
 
 @dataclass
@@ -59,120 +54,6 @@ class TrainReport:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
-
-
-def hookpoint_dirname(hp) -> str:
-    return str(hp).replace(":", "_").replace("/", "_")
-
-
-class TrainingSession:
-    """Buffers and trainers for every hookpoint of a :class:`~saehook.Hooked`; fed by its taps."""
-
-    def __init__(self, hooked, config: TrainConfig, *, total_tokens: int | None = None, stop_early=False):
-        self.hooked, self.cfg, self.stop_early = hooked, config, stop_early
-        self.trainers: dict = {}
-        self.buffers: dict = {}
-        for i, (key, sae) in enumerate(hooked.saes.items()):
-            name = str(hooked.hookpoints[key])
-            self.trainers[key] = SAETrainer(sae, config, total_tokens=total_tokens, name=name)
-            self.buffers[key] = ShuffleBuffer(sae.d_in, config.batch_tokens, config.shuffle_buffer,
-                                              seed=config.seed + i, device=sae.W_enc.device)
-        self.attention_mask: Tensor | None = None
-        self.seen: set = set()
-        self.last: dict = {}
-        self.on_step = None  # callback(key, metrics)
-
-    def valid_rows(self, hp, x: Tensor) -> Tensor:
-        """Rows of ``x [B, T, d]`` to train on: not padding, not among the first ``skip_positions``."""
-        skip = self.cfg.skip_positions
-        if x.dim() == 2:
-            return x
-        mask = self.attention_mask
-        if mask is not None and mask.shape == x.shape[:2]:
-            mask = mask.to(x.device).bool()
-            pos = mask.long().cumsum(-1) - 1
-            keep = mask & (pos >= skip)
-        else:
-            keep = (self.hooked._positions_for(hp, x) >= skip).expand(x.shape[:2])
-        return x[keep]
-
-    def tap(self, key, hp, x: Tensor) -> None:
-        rows = self.valid_rows(hp, x)
-        if self.cfg.nan_policy == "raise" and not bool(torch.isfinite(rows).all()):
-            t = self.trainers[key]
-            raise FloatingPointError(f"non-finite activations at step {t.step_count} for {hp}")
-        self.buffers[key].add(rows)
-        self.seen.add(key)
-        if self.stop_early and len(self.seen) == len(self.trainers):
-            self.seen = set()
-            raise StopForward
-
-    def drain(self, flush: bool = False) -> int:
-        """Train on every full batch; returns the number of steps taken (per hookpoint)."""
-        n = 0
-        with torch.enable_grad():
-            for key, buf in self.buffers.items():
-                for batch in buf.batches(flush):
-                    self.last[key] = self.trainers[key].step(batch)
-                    if self.on_step:
-                        self.on_step(key, self.last[key])
-                    n += key == next(iter(self.buffers))
-        return n
-
-    @property
-    def tokens(self) -> int:
-        return next(iter(self.trainers.values())).tokens
-
-    # ------------------------------------------------------------------ checkpoints
-    def save(self, out: Path, position: int, keep: int = 2) -> Path:
-        """Write a complete checkpoint into a temporary dir, rename it into place, then point LATEST at it;
-        a kill at any moment leaves the previous checkpoint loadable. Also refresh ``out/<hookpoint>/``."""
-        ck_root = out / "checkpoints"
-        ck_root.mkdir(parents=True, exist_ok=True)
-        step = next(iter(self.trainers.values())).step_count
-        name = f"step-{step:07d}"
-        tmp = ck_root / f".tmp-{name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        scalars = {"position": position, "config": self.cfg.to_dict(), "hookpoints": {}}
-        for key, tr in self.trainers.items():
-            d = hookpoint_dirname(self.hooked.hookpoints[key])
-            tr.sae.save(tmp / d)
-            tensors = tr.state_tensors()
-            tensors.update({f"buffer.{k}": v for k, v in self.buffers[key].state().items()})
-            save_file(tensors, str(tmp / d / "state.safetensors"))
-            scalars["hookpoints"][d] = {"key": key, **tr.state_scalars()}
-        (tmp / "state.json").write_text(json.dumps(scalars, indent=2))
-        final = ck_root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_write(ck_root / "LATEST", lambda p: Path(p).write_text(name))
-        for key, tr in self.trainers.items():
-            tr.sae.save(out / hookpoint_dirname(self.hooked.hookpoints[key]))
-        old = sorted(p for p in ck_root.glob("step-*") if p.name != name)
-        for p in old[: max(0, len(old) - (keep - 1))]:
-            shutil.rmtree(p, ignore_errors=True)
-        return final
-
-    def load(self, out: Path) -> int:
-        """Restore from ``out/checkpoints/LATEST``; returns the data position (source batches consumed)."""
-        ck = out / "checkpoints" / (out / "checkpoints" / "LATEST").read_text().strip()
-        scalars = json.loads((ck / "state.json").read_text())
-        for key, tr in self.trainers.items():
-            d = hookpoint_dirname(self.hooked.hookpoints[key])
-            if d not in scalars["hookpoints"]:
-                raise ValueError(f"checkpoint {ck} has no state for {d}; it has {sorted(scalars['hookpoints'])}")
-            saved = type(tr.sae).load(ck / d, device=tr.sae.W_enc.device)
-            if (saved.d_in, saved.n_latents, saved.k) != (tr.sae.d_in, tr.sae.n_latents, tr.sae.k):
-                raise ValueError(f"checkpoint autoencoder for {d} has shape {(saved.d_in, saved.n_latents, saved.k)}"
-                                 f", the attached one {(tr.sae.d_in, tr.sae.n_latents, tr.sae.k)}")
-            tr.sae.load_state_dict(saved.state_dict())
-            tr.sae.metadata = saved.metadata
-            tensors = load_file(str(ck / d / "state.safetensors"))
-            self.buffers[key].load_state({k[7:]: v for k, v in tensors.items() if k.startswith("buffer.")})
-            tr.load_state({k: v for k, v in tensors.items() if not k.startswith("buffer.")}, scalars["hookpoints"][d])
-        log.info("resumed from %s at data position %d", ck, scalars["position"])
-        return scalars["position"]
 
 
 @torch.no_grad()
@@ -253,8 +134,9 @@ def _model_device(model) -> torch.device:
 class MetricsLogger:
     """metrics.jsonl, plus TensorBoard / Weights & Biases when asked for and installed."""
 
-    def __init__(self, out: Path | None, log_to: Iterable[str] = (), config: dict | None = None):
-        self.file = open(out / "metrics.jsonl", "a") if out else None  # noqa: SIM115
+    def __init__(self, out: Path | None, log_to: Iterable[str] = (), config: dict | None = None,
+                 name: str = "metrics.jsonl"):
+        self.file = open(out / name, "a") if out else None  # noqa: SIM115
         self.tb = self.wandb = None
         for sink in log_to:
             if sink == "tensorboard":
@@ -291,7 +173,7 @@ class MetricsLogger:
 
 
 def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=None, *, resume: bool = False,
-          batch_size: int = 8, progress: bool = True, log_to: Iterable[str] = ()) -> TrainReport:
+          batch_size: int = 8, progress: bool = True, log_to: Iterable[str] = (), shard: str = "data") -> TrainReport:
     """See :meth:`saehook.Hooked.train`."""
     from tqdm.auto import tqdm
 
@@ -299,17 +181,28 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
     out = Path(out) if out is not None else None
     if resume and (out is None or not (out / "checkpoints" / "LATEST").is_file()):
         raise FileNotFoundError(f"resume=True but there is no checkpoint in {out}/checkpoints")
-    session = TrainingSession(hooked, cfg, total_tokens=tokens, stop_early=True)
+    device = _model_device(hooked.model)
+    dist = D.setup(device)
+    rank, world = (dist.rank, dist.world) if dist else (0, 1)
+    main = rank == 0
+    session = TrainingSession(hooked, cfg, total_tokens=tokens, stop_early=True, dist=dist, shard=shard)
     position = session.load(out) if resume else 0
-    if out is not None:
+    if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps({"tokens": tokens, **cfg.to_dict()}, indent=2))
-    logger = MetricsLogger(out, log_to, cfg.to_dict())
-    names = {key: hookpoint_dirname(hp) for key, hp in hooked.hookpoints.items()}
+        (out / "train_config.json").write_text(json.dumps({"tokens": tokens, "world": world, "shard": shard,
+                                                           **cfg.to_dict()}, indent=2))
+    if dist is not None:
+        D.barrier()
+    # data parallel: rank 0 logs (every rank has the same numbers); layer sharded: each rank its own layers
+    writes_log = main or shard == "layers"
+    logger = MetricsLogger(out if writes_log else None, log_to if main else (), cfg.to_dict(),
+                           name="metrics.jsonl" if main else f"metrics.rank{rank}.jsonl")
+    names = session.names
     history: list = []
     bar = tqdm(total=tokens, initial=min(session.tokens, tokens), unit="tok", unit_scale=True,
-               disable=not progress, desc="saehook train")
-    t0, tok0 = time.perf_counter(), session.tokens
+               disable=not (progress and main), desc="saehook train")
+    t0, tok0 = time.perf_counter(), min((t.tokens for t in session.trainers.values()), default=0)
+    logged: dict = {}
 
     def record(key, m):
         history.append({"hookpoint": names[key], **m})
@@ -317,39 +210,44 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
         logged[key] = int(m["step"])
 
     def on_step(key, m):
-        m = {**m, "tokens_per_s": (session.tokens - tok0) / max(time.perf_counter() - t0, 1e-9)}
+        m = {**m, "tokens_per_s": (m["tokens"] - tok0) / max(time.perf_counter() - t0, 1e-9)}
         session.last[key] = m
         if int(m["step"]) % cfg.log_every == 0 or int(m["step"]) == 1:
             record(key, m)
-        if key == first:
+        if key == next(iter(session.trainers)):
             bar.n = min(int(m["tokens"]), tokens)
             bar.set_postfix(fvu=f"{m.get('fvu', float('nan')):.3f}", l0=f"{m.get('l0', 0):.1f}",
                             dead=f"{m['dead_frac']:.2%}", refresh=False)
             bar.refresh()
-        if out is not None and int(m["step"]) % cfg.checkpoint_every == 0 and key == last:
-            pending.append(True)
 
-    first, last = next(iter(hooked.saes)), list(hooked.saes)[-1]
-    pending: list = []
-    logged: dict = {}
+    def all_min(v: int) -> int:
+        return int(D.all_reduce(torch.tensor([v]), op=D.dist.ReduceOp.MIN)) if dist else v
+
+    def all_max(v: int) -> int:
+        return int(D.all_reduce(torch.tensor([v]), op=D.dist.ReduceOp.MAX)) if dist else v
+
     session.on_step = on_step
-    device = _model_device(hooked.model)
+    saved_bucket = all_max(session.steps) // cfg.checkpoint_every
     was_recording = hooked.record
     hooked.record = False
     hooked._taps.append(session.tap)
+    # data parallel: rank r reads batches r, r + world, ... of the stream; layer sharding likewise
+    stream = islice(iter_batches(source, batch_size=batch_size, start=position), rank, None, world)
     try:
-        for batch in iter_batches(source, batch_size=batch_size, start=position):
-            if session.tokens >= tokens:
+        while session.tokens < tokens:
+            batch = next(stream, None)
+            if not all_min(batch is not None):  # every rank stops when one runs out
                 break
             batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
             session.attention_mask = batch.get("attention_mask")
             session.seen = set()
             with torch.no_grad(), contextlib.suppress(StopForward):
                 hooked.model(**batch)
-            position += 1
+            position += world
             session.drain()
-            if pending:
-                pending.clear()
+            bucket = all_max(session.steps) // cfg.checkpoint_every
+            if out is not None and bucket > saved_bucket:
+                saved_bucket = bucket
                 session.save(out, position)
         for key, m in session.last.items():  # the final metrics are always logged
             if logged.get(key) != int(m["step"]):
@@ -362,9 +260,10 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
                                        model=getattr(getattr(hooked.model, "config", None), "_name_or_path", None))
             session.save(out, position)
     finally:
-        hooked._taps.remove(session.tap) if session.tap in hooked._taps else None
+        if session.tap in hooked._taps:
+            hooked._taps.remove(session.tap)
         hooked.record = was_recording
         bar.close()
         logger.close()
-    return TrainReport(dict(session.last), session.tokens, next(iter(session.trainers.values())).step_count,
-                       time.perf_counter() - t0, out, history)
+    return TrainReport(dict(session.last), min((t.tokens for t in session.trainers.values()), default=0),
+                       session.steps, time.perf_counter() - t0, out, history)

@@ -11,14 +11,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VOCAB = 128
 
 
-def tiny_model(arch: str, seed: int = 0):
-    """A random causal LM with hidden size 32, 3 layers, vocab 128, in eval mode, fp32."""
+def tiny_model(arch: str, seed: int = 0, layers: int = 3):
+    """A random causal LM with hidden size 32, ``layers`` layers (3), vocab 128, in eval mode, fp32."""
     import transformers as tf
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if arch == "llama":
-        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=256, **common)
     elif arch == "gpt2":
         cfg = tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=256, **common)

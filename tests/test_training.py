@@ -247,8 +247,8 @@ def test_checkpoint_survives_kill(tmp_path):
         latest = (out / "checkpoints" / "LATEST").read_text()
         ck = out / "checkpoints" / latest
         sae = TopKSAE.load(ck / "model.layers.1")
-        state = json.loads((ck / "state.json").read_text())
-        assert state["hookpoints"]["model.layers.1"]["step"] == int(latest.split("-")[1])
+        state = json.loads((ck / "model.layers.1" / "trainer.json").read_text())
+        assert state["step"] == int(latest.split("-")[1])
         assert TopKSAE.load(out / "model.layers.1").n_latents == sae.n_latents == 256
     assert kills == 4
 

@@ -1,0 +1,201 @@
+"""A training session: per-hookpoint shuffle buffers and trainers, fed by the hooks' taps, with checkpoints.
+
+Single process: every hookpoint is trained here. With several ranks (see :mod:`saehook.distributed`):
+
+- ``shard="data"``: every rank trains every autoencoder on its own rows; each step is taken in lockstep
+  (the number of ready batches is all-reduced with MIN) because DDP averages the gradients.
+- ``shard="layers"``: autoencoder i is owned by rank ``i % world``; each hookpoint's rows are gathered to
+  its owner, which alone trains it.
+
+Checkpoint layout (one folder per step, renamed into place, then ``LATEST`` switched)::
+
+    step-0000500/state.json                            data position, config, world size, shard mode
+    step-0000500/<hookpoint>/cfg.json, sae.safetensors the autoencoder
+    step-0000500/<hookpoint>/trainer.safetensors       Adam state, dead counters (+ EMA)
+    step-0000500/<hookpoint>/trainer.json              step, tokens, ...
+    step-0000500/<hookpoint>/buffer.rank<r>.safetensors  each rank's shuffle buffer and its RNG
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from . import distributed as D
+from .buffer import ShuffleBuffer
+from .config import TrainConfig
+from .sae import _atomic_write
+from .trainer import SAETrainer
+
+log = logging.getLogger(__name__)
+
+
+class StopForward(Exception):
+    """Raised inside the model once every hookpoint has been read: the rest of the pass is skipped."""
+
+
+def hookpoint_dirname(hp) -> str:
+    return str(hp).replace(":", "_").replace("/", "_")
+
+
+class TrainingSession:
+    """Buffers and trainers for the hookpoints of a :class:`~saehook.Hooked` that this rank trains."""
+
+    def __init__(self, hooked, config: TrainConfig, *, total_tokens: int | None = None, stop_early=False,
+                 dist: D.Dist | None = None, shard: str = "data"):
+        if shard not in ("data", "layers"):
+            raise ValueError(f"shard must be 'data' or 'layers', got {shard!r}")
+        self.hooked, self.cfg, self.stop_early, self.dist, self.shard = hooked, config, stop_early, dist, shard
+        world, rank = (dist.world, dist.rank) if dist else (1, 0)
+        self.owner = {key: (i % world if shard == "layers" else rank) for i, key in enumerate(hooked.saes)}
+        self.names = {key: hookpoint_dirname(hp) for key, hp in hooked.hookpoints.items()}
+        per_rank = config.batch_tokens // world if dist and shard == "data" else config.batch_tokens
+        if per_rank < 1:
+            raise ValueError(f"batch_tokens={config.batch_tokens} is smaller than the {world} ranks")
+        self.trainers: dict = {}
+        self.buffers: dict = {}
+        for i, (key, sae) in enumerate(hooked.saes.items()):
+            if self.owner[key] != rank:
+                continue
+            self.trainers[key] = SAETrainer(sae, config, total_tokens=total_tokens, name=str(hooked.hookpoints[key]),
+                                            dist=dist if shard == "data" else None)
+            self.buffers[key] = ShuffleBuffer(sae.d_in, per_rank, config.shuffle_buffer,
+                                              seed=config.seed + i + 7919 * rank, device=sae.W_enc.device)
+        self.attention_mask: Tensor | None = None
+        self.seen: set = set()
+        self.last: dict = {}
+        self.on_step = None  # callback(key, metrics)
+
+    # ------------------------------------------------------------------ feeding
+    def valid_rows(self, hp, x: Tensor) -> Tensor:
+        """Rows of ``x [B, T, d]`` to train on: not padding, not among the first ``skip_positions``."""
+        skip = self.cfg.skip_positions
+        if x.dim() == 2:
+            return x
+        mask = self.attention_mask
+        if mask is not None and mask.shape == x.shape[:2]:
+            mask = mask.to(x.device).bool()
+            pos = mask.long().cumsum(-1) - 1
+            keep = mask & (pos >= skip)
+        else:
+            keep = (self.hooked._positions_for(hp, x) >= skip).expand(x.shape[:2])
+        return x[keep]
+
+    def tap(self, key, hp, x: Tensor) -> None:
+        rows = self.valid_rows(hp, x)
+        if self.cfg.nan_policy == "raise" and not bool(torch.isfinite(rows).all()):
+            step = self.trainers[key].step_count if key in self.trainers else "?"
+            raise FloatingPointError(f"non-finite activations at step {step} for {hp}")
+        if self.dist is not None and self.shard == "layers":
+            rows = D.gather_rows(rows.float().contiguous(), dst=self.owner[key])
+        if key in self.buffers:
+            self.buffers[key].add(rows)
+        self.seen.add(key)
+        if self.stop_early and len(self.seen) == len(self.owner):
+            self.seen = set()
+            raise StopForward
+
+    def drain(self, flush: bool = False) -> int:
+        """Train on full batches; returns the number of steps taken by the first trained hookpoint."""
+        n = 0
+        with torch.enable_grad():
+            for key, buf in self.buffers.items():
+                limit = None
+                if self.dist is not None and self.shard == "data":  # DDP: every rank steps equally often
+                    limit = int(D.all_reduce(torch.tensor([buf.ready(flush)]), op=D.dist.ReduceOp.MIN))
+                for batch in buf.batches(flush, limit):
+                    self.last[key] = self.trainers[key].step(batch)
+                    if self.on_step:
+                        self.on_step(key, self.last[key])
+                    n += key == next(iter(self.buffers))
+        return n
+
+    @property
+    def tokens(self) -> int:
+        """Tokens trained on by the least advanced autoencoder (over all ranks)."""
+        mine = min((t.tokens for t in self.trainers.values()), default=1 << 62)
+        if self.dist is not None and self.shard == "layers":
+            mine = int(D.all_reduce(torch.tensor([mine]), op=D.dist.ReduceOp.MIN))
+        return mine
+
+    @property
+    def steps(self) -> int:
+        return max((t.step_count for t in self.trainers.values()), default=0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _writes_sae(self, key) -> bool:
+        return key in self.trainers and (self.shard == "layers" or self.dist is None or self.dist.main)
+
+    def save(self, out: Path, position: int, keep: int = 2) -> Path:
+        """Write a complete checkpoint into a temporary folder, rename it into place, then point LATEST
+        at it: a kill at any moment leaves the previous checkpoint loadable. Also refresh ``out/<hookpoint>``."""
+        main = self.dist is None or self.dist.main
+        sync = D.barrier if self.dist is not None else (lambda: None)
+        root = out / "checkpoints"
+        step = int(D.all_reduce(torch.tensor([self.steps]), op=D.dist.ReduceOp.MAX)) if self.dist else self.steps
+        name = f"step-{step:07d}"
+        tmp = root / f".tmp-{name}"
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        sync()
+        rank = self.dist.rank if self.dist else 0
+        for key, tr in self.trainers.items():
+            d = tmp / self.names[key]
+            d.mkdir(exist_ok=True)
+            if self._writes_sae(key):
+                tr.sae.save(d)
+                save_file(tr.state_tensors(), str(d / "trainer.safetensors"))
+                (d / "trainer.json").write_text(json.dumps(tr.state_scalars()))
+            save_file(self.buffers[key].state(), str(d / f"buffer.rank{rank}.safetensors"))
+        sync()
+        if main:
+            world = self.dist.world if self.dist else 1
+            state = {"position": position, "world": world, "shard": self.shard, "config": self.cfg.to_dict(),
+                     "hookpoints": self.names and {self.names[k]: repr(k) for k in self.owner}}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            final = root / name
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _atomic_write(root / "LATEST", lambda p: Path(p).write_text(name))
+            old = sorted(p for p in root.glob("step-*") if p.name != name)
+            for p in old[: max(0, len(old) - (keep - 1))]:
+                shutil.rmtree(p, ignore_errors=True)
+        for key, tr in self.trainers.items():
+            if self._writes_sae(key):
+                tr.sae.save(out / self.names[key])
+        sync()
+        return root / name
+
+    def load(self, out: Path) -> int:
+        """Restore from ``out/checkpoints/LATEST``; returns the data position (source batches consumed)."""
+        ck = out / "checkpoints" / (out / "checkpoints" / "LATEST").read_text().strip()
+        state = json.loads((ck / "state.json").read_text())
+        world, rank = (self.dist.world, self.dist.rank) if self.dist else (1, 0)
+        if state["world"] != world or state["shard"] != self.shard:
+            raise ValueError(f"checkpoint {ck} was written by {state['world']} rank(s) with shard="
+                             f"{state['shard']!r}; resume with the same (now {world}, {self.shard!r})")
+        for key, tr in self.trainers.items():
+            d = ck / self.names[key]
+            if not (d / "trainer.json").is_file():
+                raise ValueError(f"checkpoint {ck} has no state for {self.names[key]}; "
+                                 f"it has {sorted(p.name for p in ck.iterdir() if p.is_dir())}")
+            saved = type(tr.sae).load(d, device=tr.sae.W_enc.device)
+            shape = (tr.sae.d_in, tr.sae.n_latents, tr.sae.k)
+            if (saved.d_in, saved.n_latents, saved.k) != shape:
+                raise ValueError(f"checkpoint autoencoder for {self.names[key]} has shape "
+                                 f"{(saved.d_in, saved.n_latents, saved.k)}, the attached one {shape}")
+            tr.sae.load_state_dict(saved.state_dict())
+            tr.sae.metadata = saved.metadata
+            tr.load_state(load_file(str(d / "trainer.safetensors")), json.loads((d / "trainer.json").read_text()))
+            self.buffers[key].load_state(load_file(str(d / f"buffer.rank{rank}.safetensors")))
+        log.info("resumed from %s at data position %d", ck, state["position"])
+        return state["position"]

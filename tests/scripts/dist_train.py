@@ -1,0 +1,54 @@
+"""Launched by tests/test_distributed.py under torchrun (or run plainly as the 1-process reference).
+
+    torchrun --standalone --nproc_per_node 2 tests/scripts/dist_train.py OUT --shard data
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from conftest import tiny_model  # noqa: E402
+
+import saehook  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("out")
+p.add_argument("--shard", default="data")
+p.add_argument("--layers", type=int, nargs="+", default=[1])
+p.add_argument("--tokens", type=int, default=512 * 8)
+p.add_argument("--batch-tokens", type=int, default=512)
+p.add_argument("--die-after", type=int, default=0, help="rank 1 exits abruptly after this many batches")
+p.add_argument("--resume", action="store_true")
+args = p.parse_args()
+rank = int(os.environ.get("RANK", "0"))
+
+model = tiny_model("llama", layers=4)
+g = torch.Generator().manual_seed(0)
+batches = [torch.randint(3, 128, (8, 33), generator=g) for _ in range(200)]  # 8 x 32 = 256 rows each
+
+
+def source():
+    for i, b in enumerate(batches):
+        if args.die_after and rank == 1 and i >= args.die_after * 2:  # rank 1 reads every other batch
+            os._exit(17)
+        yield b
+
+
+torch.manual_seed(0)
+saes = {layer: saehook.TopKSAE(32, 128, 4) for layer in args.layers}
+init = {layer: sae.W_enc.clone() for layer, sae in saes.items()}
+cfg = saehook.TrainConfig(batch_tokens=args.batch_tokens, shuffle_buffer=0, checkpoint_every=2, log_every=1)
+with saehook.attach(model, saes) as hooked:
+    report = hooked.train(source(), tokens=args.tokens, config=cfg, out=args.out, shard=args.shard,
+                          progress=False, resume=args.resume)
+    names = {k: saehook.training.hookpoint_dirname(hp) for k, hp in hooked.hookpoints.items()}
+for layer, sae in saes.items():
+    sae.save(Path(args.out) / f"final.rank{rank}" / names[layer])
+summary = {"rank": rank, "tokens": report.tokens, "steps": report.steps, "trained": sorted(
+    names[k] for k in report.metrics), "changed": {names[k]: not torch.equal(saes[k].W_enc, init[k]) for k in saes}}
+(Path(args.out) / f"summary.rank{rank}.json").write_text(json.dumps(summary))
