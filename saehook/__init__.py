@@ -7,10 +7,13 @@ Autoencoders".
 
 from . import corpus, envoy, formats, hub
 from .config import TrainConfig
+from .ablation import ablation_sparsity
 from .corpus import Corpus
+from .evaluate import EvalReport, evaluate
 from .formats import FormatError, LayerNormTopKSAE, LNCodes, load
 from .hooks import Hooked, attach
 from .models import load_model
+from .probe import probe_loss
 from .sae import Codes, SAEConfigError, SAEOutput, TopKSAE, fvu, geometric_median
 from .trainer import NonFiniteError, SAETrainer
 from .training import TrainReport
@@ -18,6 +21,7 @@ from .training import TrainReport
 __all__ = [
     "Codes",
     "Corpus",
+    "EvalReport",
     "FormatError",
     "LNCodes",
     "LayerNormTopKSAE",
@@ -29,14 +33,17 @@ __all__ = [
     "TopKSAE",
     "TrainConfig",
     "TrainReport",
+    "ablation_sparsity",
     "attach",
     "corpus",
     "envoy",
+    "evaluate",
     "formats",
     "hub",
     "load",
     "fvu",
     "geometric_median",
     "load_model",
+    "probe_loss",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Command line: ``saehook train`` and ``saehook demo`` (the main job on the embedded model and corpus)."""
+"""Command line: ``saehook train``, ``saehook eval`` and ``saehook demo`` (the main job on the embedded model and
+corpus)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="language model dtype (the autoencoders train in float32)")
     p.add_argument("--device-map", default=None, help="accelerate device map for the model, e.g. auto")
+    p.add_argument("--matmul-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                   help="dtype of the encoder's dense matmul (weights and gradients stay float32)")
     p.add_argument("--multi-topk", action="store_true", help="train with the Multi-TopK loss L(k) + L(4k)/8")
     p.add_argument("--no-auxk", action="store_true", help="disable the AuxK loss for dead latents")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4/sqrt(n/2^14))")
@@ -84,7 +87,8 @@ def run_train(args) -> dict:
         d = hp.width or model.config.hidden_size
         saes[key] = saehook.TopKSAE(d, args.latents, args.k, multi_topk=args.multi_topk)
     cfg = saehook.TrainConfig(batch_tokens=args.batch_tokens, lr=args.lr, auxk=not args.no_auxk, seed=args.seed,
-                              checkpoint_every=args.checkpoint_every, shuffle_buffer=args.shuffle_buffer)
+                              checkpoint_every=args.checkpoint_every, shuffle_buffer=args.shuffle_buffer,
+                              matmul_dtype=args.matmul_dtype)
     print(f"training {len(saes)} autoencoder(s) at {[str(probe.resolve(model, k)) for k in saes]}: "
           f"n_latents={args.latents}, k={args.k}, {args.tokens:,} tokens, {args.batch_tokens} per step, "
           f"lr={cfg.lr_for(args.latents):.3g}")
@@ -134,6 +138,78 @@ def run_demo(args) -> None:
               f"(delta {spliced_loss - clean_loss:+.3f} nats)")
 
 
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``saehook eval``."""
+    p.add_argument("--sae", action="append", required=True, metavar="DIR",
+                   help="an autoencoder folder (cfg.json + sae.safetensors), e.g. runs/x/model.layers.20; repeatable. "
+                        "Its hookpoint is metadata['hookpoint'] in cfg.json, else the folder name")
+    p.add_argument("--model", default=None, help="HF model name or path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--tokens", type=parse_count, default=parse_count("50k"), help="evaluated tokens, e.g. 200k")
+    p.add_argument("--corpus", default=None,
+                   help="text source; its held-out split is used (default: embedded BBC News)")
+    p.add_argument("--context", type=int, default=128, help="tokens per window")
+    p.add_argument("--holdout", type=float, default=0.05, help="held-out fraction of documents (as in training)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--skip-positions", type=int, default=1, help="first positions per window left out (BOS)")
+    p.add_argument("--dense-threshold", type=float, default=0.1, help="dense: fires on more than this fraction")
+    p.add_argument("--no-joint", action="store_true", help="skip the joint splice of all autoencoders")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="language model dtype")
+    p.add_argument("--device-map", default=None, help="accelerate device map for the model, e.g. auto")
+    p.add_argument("--out", default=None, help="report JSON path (default: report.json next to the first --sae)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def sae_key(path: Path, metadata: dict):
+    """The hookpoint key of a saved autoencoder: ``metadata['hookpoint']``, else its folder name (``model.layers.20``;
+    a trailing ``_input`` / ``_output`` written for a ``:input`` / ``:output`` hookpoint becomes the site suffix)."""
+    hp = metadata.get("hookpoint")
+    if hp:
+        return hp
+    name = Path(path).resolve().name
+    for site in ("input", "output"):
+        if name.endswith("_" + site):
+            return name[: -len(site) - 1] + ":" + site
+    return name
+
+
+def run_eval(args):
+    """Load the autoencoders and the model, evaluate on held-out text, print a table, write the JSON report."""
+    import torch
+
+    import saehook
+    from saehook.evaluate import evaluate
+
+    torch.manual_seed(args.seed)
+    saes = {}
+    for path in args.sae:
+        sae = saehook.TopKSAE.load(path)
+        key = sae_key(Path(path), sae.metadata)
+        if key in saes:
+            raise SystemExit(f"two --sae folders have hookpoint {key!r}")
+        saes[key] = sae
+    kwargs = {"dtype": _dtype(args.dtype)}
+    if args.device_map:
+        kwargs["device_map"] = args.device_map
+    model, tok = saehook.load_model(args.model, **kwargs)
+    corpus = saehook.Corpus.from_source(args.corpus, tok, context=args.context, holdout=args.holdout, seed=args.seed)
+    print(f"evaluating {len(saes)} autoencoder(s) at {list(saes)} on {args.tokens:,} held-out tokens of "
+          f"{args.corpus or 'BBC News (embedded)'} with {args.model or 'SmolLM2-135M-Instruct (embedded)'}")
+    t0 = time.perf_counter()
+    report = evaluate(model, saes, corpus, tokens=args.tokens, batch_size=args.batch_size,
+                      skip_positions=args.skip_positions, joint=not args.no_joint,
+                      dense_threshold=args.dense_threshold, progress=not args.no_progress)
+    report.settings.update(model=args.model or "SmolLM2-135M-Instruct", corpus=args.corpus or "bbc_news",
+                           saes={str(k): str(p) for k, p in zip(saes, args.sae)}, dtype=args.dtype)
+    out = Path(args.out) if args.out else Path(args.sae[0]).resolve().parent / "report.json"
+    report.save(out)
+    print(f"{report.tokens:,} tokens in {time.perf_counter() - t0:.0f}s")
+    print(report.table())
+    print(f"report written to {out}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saehook", description=(
         "TopK sparse autoencoders on live Hugging Face models (Gao et al. 2024). "
@@ -148,11 +224,18 @@ def main(argv: list[str] | None = None) -> int:
                             description="Train a layer-20 autoencoder on SmolLM2 over BBC News, save it, then read "
                                         "latents, steer generation and measure the spliced LM loss.")
     add_train_args(p_demo, demo=True)
+    p_eval = sub.add_parser("eval", help="evaluate saved autoencoders on held-out text",
+                            description="FVU, L0, dead/dense latents and the downstream loss (delta LM loss, KL, "
+                                        "CE recovered vs zero- and mean-ablation) of saved autoencoders; prints a "
+                                        "table and writes a JSON report.")
+    add_eval_args(p_eval)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.command == "train":
         run_train(args)
+    elif args.command == "eval":
+        run_eval(args)
     else:
         run_demo(args)
     return 0

@@ -45,7 +45,7 @@ def python_blocks(path: Path) -> list[tuple[int, str]]:
     return [(line, code) for line, lang, code in code_blocks(path.read_text()) if lang in RUN_LANGS]
 
 
-DOC_FILES = sorted(DOCS.glob("*.md"))
+DOC_FILES = sorted(DOCS.rglob("*.md"))
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def isolated(tmp_path, monkeypatch):
     torch.set_rng_state(rng)
 
 
-@pytest.mark.parametrize("doc", DOC_FILES, ids=[p.name for p in DOC_FILES])
+@pytest.mark.parametrize("doc", DOC_FILES, ids=[str(p.relative_to(DOCS)) for p in DOC_FILES])
 def test_doc_python_blocks_run(doc: Path, isolated):
     blocks = python_blocks(doc)
     namespace: dict = {"__name__": "__main__", "__file__": str(doc)}
