@@ -6,8 +6,8 @@ Autoencoders".
 """
 
 from . import corpus, envoy, formats, hub
-from .config import TrainConfig
 from .ablation import ablation_sparsity
+from .config import TrainConfig
 from .corpus import Corpus
 from .evaluate import EvalReport, evaluate
 from .formats import FormatError, LayerNormTopKSAE, LNCodes, load
