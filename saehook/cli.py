@@ -107,8 +107,6 @@ def run_train(args) -> dict:
 
 def run_demo(args) -> None:
     """The main job: train on the embedded model and corpus, then show the autoencoder at work."""
-    import torch
-
     import saehook
 
     res = run_train(args)
@@ -129,13 +127,14 @@ def run_demo(args) -> None:
         new = enc["input_ids"].shape[1]
         print(f"greedy continuation:            {tok.decode(clean[0, new:], skip_special_tokens=True)!r}")
         print(f"steered (+{value:.1f} x latent {top}): {tok.decode(steered[0, new:], skip_special_tokens=True)!r}")
-        with torch.no_grad():
-            ids = next(res["corpus"].windows("test", batch_size=4, shuffle=False))
-            clean_loss = model(ids, labels=ids).loss.item()
-            with hooked.splice([key]):
-                spliced_loss = model(ids, labels=ids).loss.item()
-        print(f"held-out LM loss: clean {clean_loss:.3f}, with the reconstruction spliced in {spliced_loss:.3f} "
-              f"(delta {spliced_loss - clean_loss:+.3f} nats)")
+    print(f"\nevaluating on {args.eval_tokens:,} held-out tokens (the corpus's test split)...")
+    report = saehook.evaluate(model, {key: sae}, res["corpus"], tokens=args.eval_tokens, batch_size=8)
+    print(report.table())
+    path = report.save(Path(args.out) / "report.json")
+    m = report[key]
+    print(f"held-out: fvu {m['fvu']:.4f}, LM loss {m['clean_loss']:.3f} -> {m['spliced_loss']:.3f} with the "
+          f"reconstruction spliced in ({m['delta_lm_loss']:+.3f} nats, {m['ce_recovered_zero']:.1%} of the "
+          f"zero-ablation loss recovered); report in {path}")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -224,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                             description="Train a layer-20 autoencoder on SmolLM2 over BBC News, save it, then read "
                                         "latents, steer generation and measure the spliced LM loss.")
     add_train_args(p_demo, demo=True)
+    p_demo.add_argument("--eval-tokens", type=parse_count, default=parse_count("16k"),
+                        help="held-out tokens for the final evaluation")
     p_eval = sub.add_parser("eval", help="evaluate saved autoencoders on held-out text",
                             description="FVU, L0, dead/dense latents and the downstream loss (delta LM loss, KL, "
                                         "CE recovered vs zero- and mean-ablation) of saved autoencoders; prints a "

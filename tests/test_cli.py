@@ -71,3 +71,19 @@ def test_train_command_runs_and_resumes(local_model, tmp_path, capsys):
     assert again.metadata["steps"] > steps and again.metadata["tokens"] >= 4000
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(x["step"] for x in lines) == again.metadata["steps"]
+
+
+def test_demo_command_trains_steers_and_evaluates(local_model, tmp_path, capsys):
+    path, text = local_model
+    out = tmp_path / "demo"
+    args = ["demo", "--model", str(path), "--corpus", str(text), "--layers", "1", "--latents", "64", "--k", "4",
+            "--tokens", "1k", "--batch-tokens", "256", "--context", "16", "--batch-size", "4",
+            "--shuffle-buffer", "0", "--dtype", "float32", "--out", str(out), "--no-progress",
+            "--eval-tokens", "64"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "steered (+" in printed and "held-out: fvu" in printed
+    report = json.loads((out / "report.json").read_text())
+    entry = next(iter(report["hookpoints"].values()))
+    assert 0 < entry["fvu"] < 2 and entry["tokens"] >= 64 and entry["delta_lm_loss"] is not None
+    assert saehook.TopKSAE.load(out / "model.layers.1").metadata["tokens"] >= 1000
