@@ -31,6 +31,17 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
+# The documentation site, into site/ (gitignored). --strict: a broken link or anchor, a docstring that does not
+# parse or a public API member without a docstring fails the build (see mkdocs.yml).
+DOCS_STAMP := $(VENV)/.saehook-docs-installed
+.PHONY: docs
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
 lint: $(STAMP)
 	$(PY) -m ruff check saehook tests recipes
 

@@ -79,13 +79,16 @@ class TrainConfig:
             raise ValueError("dead_tokens must be positive and dead_fraction in (0, 1]")
 
     def lr_for(self, n_latents: int) -> float:
+        """The learning rate for ``n_latents`` latents: ``lr`` if set, else ``2e-4 / sqrt(n_latents / 2**14)``."""
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
 
     def to_dict(self) -> dict:
+        """Every field as a JSON-serialisable dict (the inverse of :meth:`from_dict`)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        """A config from :meth:`to_dict`'s output; unknown fields raise ``ValueError``."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

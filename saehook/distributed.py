@@ -44,6 +44,7 @@ class Dist:
 
     @property
     def main(self) -> bool:
+        """Whether this is rank 0, the main process."""
         return self.rank == 0
 
 
@@ -79,6 +80,7 @@ def all_reduce(t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
 
 
 def barrier() -> None:
+    """Wait for every rank; raises :class:`RankFailure` if a collective fails or times out."""
     _guard(dist.barrier)
 
 

@@ -35,6 +35,9 @@ position 0 is each row's first real token."""
 
 @dataclass
 class Edit:
+    """One active edit, pushed by :meth:`saehook.Hooked.splice`, ``steer`` or ``ablate`` for the
+    duration of its context and applied by the hooks, in order, at every forward."""
+
     kind: str
     """``"splice"``, ``"add"``, ``"clamp"`` or ``"ablate"``."""
     targets: dict
@@ -83,6 +86,7 @@ class Edit:
 
 
 def check_positions(positions: Positions) -> None:
+    """Raise ``TypeError`` or ``ValueError`` unless ``positions`` is one of the forms of :data:`Positions`."""
     if positions is None or isinstance(positions, (slice, int)) and not isinstance(positions, bool):
         return
     if isinstance(positions, str):

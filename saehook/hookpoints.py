@@ -52,6 +52,8 @@ def unwrap(model) -> nn.Module:
 
 
 def num_layers_of(model: nn.Module) -> int | None:
+    """The configured decoder-layer count (``num_hidden_layers``, ``n_layer`` or ``num_layers`` of the
+    config, or of its text config), or None when the config has none."""
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -73,6 +75,8 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def hidden_size_of(model: nn.Module) -> int | None:
+    """The configured hidden size (``hidden_size``, ``n_embd`` or ``d_model`` of the config, or of its
+    text config), or None when the config has none."""
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
     for attr in ("hidden_size", "n_embd", "d_model"):

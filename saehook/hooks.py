@@ -138,6 +138,7 @@ class Hooked:
 
     @property
     def attached(self) -> bool:
+        """Whether the hooks are still registered (False after :meth:`detach` or leaving the ``with``)."""
         return bool(self._handles)
 
     def __enter__(self) -> Hooked:

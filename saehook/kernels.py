@@ -54,8 +54,12 @@ def _sparse_t_matmul(flat_idx: Tensor, flat_w: Tensor, N: int, K: int, n: int, d
 
 
 class TopKEncode(torch.autograd.Function):
+    """``(x, W_enc, b_enc, b_dec) -> (values [N, k], indices [N, k], aux_values [N, k_aux], aux_indices)``
+    with the sparse backward described in the module docstring. Use through :meth:`saehook.TopKSAE.forward`."""
+
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k: int, dead_mask, k_aux: int, matmul_dtype):
+        """Dense pre-activations, top-k (and top-k_aux over ``dead_mask``), exact values of the winners."""
         xc = x - b_dec
         low = matmul_dtype is not None and matmul_dtype != W_enc.dtype
         if low:
@@ -79,6 +83,7 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
+        """Gradients from the k (+ k_aux) selected entries per row only: scatter-add, a CSR product, one matvec."""
         xc, W_enc, idx, vals = ctx.saved_tensors
         N, K = idx.shape
         if g_vals is None:

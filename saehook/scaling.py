@@ -18,6 +18,9 @@ NAMES = ("a", "b_k", "b_n", "g", "z", "h")
 
 @dataclass(frozen=True)
 class ScalingFit:
+    """The fitted law ``L(n, k) = exp(a + b_k log k + b_n log n + g log k log n) + exp(z + h log k)``;
+    call it with ``(n, k)`` for the predicted loss."""
+
     a: float
     b_k: float
     b_n: float
@@ -32,6 +35,7 @@ class ScalingFit:
         return math.exp(self.a + self.b_k * lk + self.b_n * ln + self.g * lk * ln) + math.exp(self.z + self.h * lk)
 
     def to_dict(self) -> dict:
+        """The parameters and ``rmse_log`` as a dict."""
         return asdict(self)
 
 

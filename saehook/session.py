@@ -42,6 +42,7 @@ class StopForward(Exception):
 
 
 def hookpoint_dirname(hp) -> str:
+    """The folder name of a hookpoint in a run directory, e.g. ``model.layers.20`` or ``lm_head_input``."""
     return str(hp).replace(":", "_").replace("/", "_")
 
 
@@ -89,6 +90,8 @@ class TrainingSession:
         return x[keep]
 
     def tap(self, key, hp, x: Tensor) -> None:
+        """Called by the hook at ``hp`` with its activation ``x``: keep the valid rows for training (sent to
+        the owner rank when layers are sharded); stop the forward once every hookpoint was read."""
         rows = self.valid_rows(hp, x)
         if self.cfg.nan_policy == "raise" and not bool(torch.isfinite(rows).all()):
             step = self.trainers[key].step_count if key in self.trainers else "?"
@@ -127,6 +130,7 @@ class TrainingSession:
 
     @property
     def steps(self) -> int:
+        """Optimizer steps taken by the most advanced autoencoder this rank trains."""
         return max((t.step_count for t in self.trainers.values()), default=0)
 
     # ------------------------------------------------------------------ checkpoints

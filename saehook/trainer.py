@@ -83,6 +83,7 @@ class SAETrainer:
 
     @property
     def dead_mask(self) -> Tensor:
+        """Bool ``[n_latents]``: latents that have not fired for ``dead_threshold`` tokens."""
         return self.tokens_since_fired >= self.dead_threshold
 
     # ------------------------------------------------------------------ the step
@@ -195,10 +196,12 @@ class SAETrainer:
         return {k: v.detach().contiguous().cpu() for k, v in t.items()}
 
     def state_scalars(self) -> dict:
+        """Step, tokens and flags of this trainer, JSON-serialisable (for checkpoints)."""
         return {"step": self.step_count, "tokens": self.tokens, "skipped": self.skipped,
                 "initialized": self.initialized, "dead_threshold": self.dead_threshold}
 
     def load_state(self, tensors: dict[str, Tensor], scalars: dict) -> None:
+        """Restore what :meth:`state_tensors` and :meth:`state_scalars` saved (resume)."""
         dev = self.sae.W_enc.device
         self.tokens_since_fired = tensors["tokens_since_fired"].to(dev)
         params = dict(self.sae.named_parameters())

@@ -53,6 +53,7 @@ class TrainReport:
 
     @property
     def tokens_per_s(self) -> float:
+        """Training tokens per second over the whole run (forward passes included)."""
         return self.tokens / max(self.seconds, 1e-9)
 
 

@@ -15,6 +15,7 @@ from .layernorm import LN_FORMAT, LayerNormTopKSAE
 from .openai import is_torch_file, load_openai
 
 FORMATS = ("saehook", "saehook-layernorm", "sparsify", "saelens", "openai")
+"""The single-autoencoder formats :func:`detect_format` recognises and :func:`load` reads."""
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SKIP_DIRS = {"checkpoints"}  # saehook training keeps copies of every hookpoint there
 MAX_DEPTH = 3

@@ -86,6 +86,7 @@ class LayerNormTopKSAE(TopKSAE):
         return self._pre_normalised(self.layer_norm(x)[0])
 
     def encode(self, x: Tensor, k: int | None = None) -> LNCodes:
+        """The top-k code of ``LN(x)``, carrying each row's mean and std for :meth:`decode`."""
         xn, mu, std = self.layer_norm(x)
         codes = self._topk(self._pre_normalised(xn), k or self.k)
         return LNCodes(codes.values, codes.indices, mu, std)
@@ -151,6 +152,7 @@ class LayerNormTopKSAE(TopKSAE):
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:
+        """:meth:`TopKSAE.config` plus the layer-norm format name and ``ln_eps``."""
         cfg = super().config()
         cfg.update(format=LN_FORMAT, normalize=self.normalize, ln_eps=self.ln_eps)
         return cfg
@@ -184,5 +186,6 @@ class LayerNormTopKSAE(TopKSAE):
         return sae
 
     def extra_repr(self) -> str:
+        """The sizes and the layer-norm epsilon, shown in ``repr(sae)``."""
         return (f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}, multi_topk={self.multi_topk}, "
                 f"normalize=layernorm (eps={self.ln_eps:g})")

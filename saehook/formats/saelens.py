@@ -50,6 +50,7 @@ OPTIONAL = {"scaling_factor", "finetuning_scaling_factor", "norm_scaling_factor"
 
 
 def is_saelens_dir(path: Path) -> bool:
+    """Whether ``path`` holds a SAELens ``cfg.json`` and ``sae_weights.safetensors``."""
     return (path / CFG).is_file() and (path / WEIGHTS).is_file()
 
 
