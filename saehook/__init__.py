@@ -5,6 +5,12 @@ single latents during generation. The method is Gao et al. (2024), "Scaling and 
 Autoencoders".
 """
 
+import os as _os
+
+# Idle OpenMP threads spinning on a small shared machine can cost 100x on sorts and top-k; a passive wait
+# policy must be set before torch loads its OpenMP runtime. A user's own setting always wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from . import corpus, envoy, formats, hub
 from .ablation import ablation_sparsity
 from .config import TrainConfig

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 import time
@@ -209,6 +208,57 @@ def run_eval(args):
     return report
 
 
+def add_dashboard_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``saehook dashboard``."""
+    p.add_argument("run", help="a training run (its <hookpoint>/ autoencoder folders) or one autoencoder folder")
+    p.add_argument("--out", default="dash", help="output folder of the HTML dashboard")
+    p.add_argument("--model", default=None, help="HF model name or path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--corpus", default=None,
+                   help="text source; its held-out split is used (default: embedded BBC News)")
+    p.add_argument("--context", type=int, default=128, help="tokens per window")
+    p.add_argument("--holdout", type=float, default=0.05, help="held-out fraction of documents (as in training)")
+    p.add_argument("--tokens", type=parse_count, default=parse_count("20k"),
+                   help="held-out tokens for the top examples and densities")
+    p.add_argument("--score-tokens", type=parse_count, default=None,
+                   help="further held-out tokens to score the explanations on (default: half of --tokens)")
+    p.add_argument("--latents", type=int, default=64, help="latents shown per hookpoint (a random sample of the alive)")
+    p.add_argument("--explain", type=int, default=32, help="of those, how many get an N2G explanation (0: none)")
+    p.add_argument("--examples", type=int, default=20, help="top examples per latent")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="language model dtype")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_dashboard(args):
+    """Load the autoencoders of a run, the model and the held-out corpus, build the static dashboard."""
+    import json
+
+    import saehook
+    from saehook.dashboard import build_dashboard, load_saes
+
+    saes = load_saes(args.run)
+    model, tok = saehook.load_model(args.model, dtype=_dtype(args.dtype))
+    corpus = saehook.Corpus.from_source(args.corpus, tok, context=args.context, holdout=args.holdout, seed=args.seed)
+    print(f"dashboard of {len(saes)} autoencoder(s) at {list(saes)}: {args.tokens:,} held-out tokens of "
+          f"{args.corpus or 'BBC News (embedded)'} with {args.model or 'SmolLM2-135M-Instruct (embedded)'}")
+    t0 = time.perf_counter()
+    index = build_dashboard(saes, args.out, model, tok, corpus, tokens=args.tokens, score_tokens=args.score_tokens,
+                            n_latents_shown=args.latents, n_explained=args.explain, n_examples=args.examples,
+                            batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+    summary = json.loads((Path(args.out) / "summary.json").read_text())
+    for key, s in summary["hookpoints"].items():
+        e = s["explainability"]
+        line = f"{key}: {s['tokens']:,} tokens, {s['dead_frac']:.2%} dead, {s['shown']} latents shown"
+        if e:
+            line += (f", {e['latents']} explained: precision {e['precision']:.3f} recall {e['recall']:.3f} "
+                     f"f1 {e['f1']:.3f} (fires > {summary['settings']['explain']['fire_fraction']:g} x max)")
+        print(line)
+    print(f"built in {time.perf_counter() - t0:.0f}s: open {index}")
+    return index
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saehook", description=(
         "TopK sparse autoencoders on live Hugging Face models (Gao et al. 2024). "
@@ -230,13 +280,19 @@ def main(argv: list[str] | None = None) -> int:
                                         "CE recovered vs zero- and mean-ablation) of saved autoencoders; prints a "
                                         "table and writes a JSON report.")
     add_eval_args(p_eval)
+    p_dash = sub.add_parser("dashboard", help="build a static HTML dashboard of latents",
+                            description="Top examples, density, logit effects and N2G explanations (with their "
+                                        "precision / recall on held-out text) of saved autoencoders, as static "
+                                        "HTML pages with a client-side search.")
+    add_dashboard_args(p_dash)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.command == "train":
         run_train(args)
     elif args.command == "eval":
         run_eval(args)
+    elif args.command == "dashboard":
+        run_dashboard(args)
     else:
         run_demo(args)
     return 0

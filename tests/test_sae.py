@@ -278,3 +278,17 @@ def test_decoder_never_builds_dense_latents():
     rows = sae.W_dec.grad.abs().sum(1).nonzero().flatten().tolist()
     assert rows == [3, 7]
     assert F.embedding_bag  # the implementation path used
+
+
+def test_import_sets_passive_openmp_wait_unless_user_chose():
+    import os
+    import subprocess
+    import sys
+
+    code = "import saehook, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
