@@ -1,5 +1,5 @@
-"""Command line: ``saehook train``, ``saehook eval`` and ``saehook demo`` (the main job on the embedded model and
-corpus)."""
+"""Command line: ``saehook train``, ``saehook eval``, ``saehook dashboard`` and ``saehook demo`` (the main job
+on the embedded model and corpus)."""
 
 from __future__ import annotations
 

@@ -47,3 +47,31 @@ def plot_training(runs: dict[str, str | Path], out: str | Path, title: str = "")
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_density(density, out: str | Path, title: str = "", bins: int = 50) -> Path:
+    """Histogram of ``log10(density)`` over the latents that fired (``density``: the fraction of tokens on which
+    each latent fires, e.g. ``EvalReport[key]["density"]`` or ``TopExamples.density``); dead latents (density
+    0) cannot go on a log axis, so they are counted separately and annotated. Writes a PNG to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    d = np.asarray(density.detach().cpu() if hasattr(density, "detach") else density, dtype=np.float64).ravel()
+    alive = d[d > 0]
+    dead = int((d <= 0).sum())
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if len(alive):
+        ax.hist(np.log10(alive), bins=bins, color="tab:blue")
+    note = f"{len(alive)} alive, {dead} dead ({dead / max(len(d), 1):.1%}: never fired, not in the histogram)"
+    ax.set(xlabel="log10(fraction of tokens on which the latent fires)", ylabel="latents")
+    ax.set_title(f"{title or f'latent density ({len(d)} latents)'}\n{note}", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,403 @@
+"""A static HTML dashboard of autoencoder latents: top examples, density, logit effects, N2G explanations.
+
+:func:`build_dashboard` writes plain files (no server, no network, no external asset):
+
+    out/index.html                  search box over the shown latents (ids, top tokens, explanations);
+                                    the JSON index is embedded, the search is inline JavaScript and
+                                    reads ``?q=...`` on load
+    out/<hookpoint>/latent-<j>.html one page per shown latent: statistics, N2G explanation and its
+                                    precision / recall, logit effects, top examples shaded by activation
+    out/<hookpoint>/density.png     the latent-density histogram (:func:`saehook.plots.plot_density`)
+    out/summary.json                settings, timings and the explainability means per hookpoint
+
+Every token string is HTML-escaped; the embedded JSON escapes ``<``, ``>`` and ``&`` so no token can
+close the script element.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .examples import TopExamples, as_saes, decode_token, logit_effects, top_examples, top_tokens
+from .hookpoints import Key
+from .sae import TopKSAE
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_dashboard", "load_saes"]
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def load_saes(run_or_saes) -> dict[Key, TopKSAE]:
+    """``{key: TopKSAE}`` from a mapping (returned as is), one autoencoder whose ``metadata["hookpoint"]``
+    names its hookpoint, or a path: a training run / folder of autoencoders (every sub-folder
+    :func:`saehook.formats.find_hookpoints` finds) or one autoencoder folder. The key is the autoencoder's
+    ``metadata["hookpoint"]``, else its folder name (as ``saehook eval`` does)."""
+    from .cli import sae_key
+    from .formats import find_hookpoints, load
+    from .formats.detect import single_format
+
+    if isinstance(run_or_saes, (Mapping, TopKSAE)):
+        return as_saes(run_or_saes)
+    path = Path(run_or_saes).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    found = {path.name: path} if single_format(path) else {n: p for n, (p, _) in find_hookpoints(path).items()}
+    if not found:
+        raise FileNotFoundError(f"no autoencoder under {path} (expected folders with cfg.json + sae.safetensors)")
+    saes: dict = {}
+    for sub in found.values():
+        sae = load(sub)
+        key = sae_key(sub, sae.metadata)
+        if key in saes:
+            raise ValueError(f"two autoencoders under {path} have hookpoint {key!r}")
+        saes[key] = sae
+    return saes
+
+
+def _split_source(source, tokens: int, score_tokens: int, batch_size: int, skip_positions: int):
+    """The source's batches: the first ``tokens`` evaluated positions for the examples, the next
+    ``score_tokens`` for scoring the explanations."""
+    from .evaluate import eval_batches, position_masks
+
+    first, second, n1, n2 = [], [], 0, 0
+    for batch in eval_batches(source, batch_size):
+        n = int(position_masks(batch, skip_positions)[0].sum())
+        if n1 < tokens:
+            first.append(batch)
+            n1 += n
+        elif n2 < score_tokens:
+            second.append(batch)
+            n2 += n
+        else:
+            break
+    return first, second, n1, n2
+
+
+# ---------------------------------------------------------------------------------------------- HTML
+CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse}td,th{padding:2px 8px;text-align:left;vertical-align:top;font-size:.9em}
+tr:nth-child(even){background:#f6f6f6}.num{text-align:right;font-variant-numeric:tabular-nums}
+input[type=search]{font-size:1.1em;width:60%;padding:4px}
+.ex{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;margin:3px 0;line-height:1.7}
+.v{display:inline-block;width:5em;color:#666}.t{white-space:pre;border-radius:2px;margin-right:1px}
+.t.hit{outline:2px solid #c00}.muted{color:#777}.pat{font-family:ui-monospace,Menlo,Consolas,monospace}
+.cols{display:flex;gap:3em}code{background:#f3f3f3;padding:0 3px}
+"""
+
+SEARCH_JS = r"""
+(function () {
+  const data = JSON.parse(document.getElementById('latent-index').textContent);
+  const box = document.getElementById('q'), body = document.getElementById('rows');
+  const count = document.getElementById('count');
+  function matches(e, q) {
+    if (!q) return true;
+    const id = q.match(/^#?(\d+)$/);
+    if (id && e.id === Number(id[1])) return true;
+    if (q.startsWith('#')) return false;
+    return q.split(/\s+/).every(w => e.text.includes(w));
+  }
+  function search(q) {
+    q = (q || '').trim().toLowerCase();
+    return data.latents.filter(e => matches(e, q));
+  }
+  function fmt(x, d) { return x === null || x === undefined ? '' : Number(x).toFixed(d); }
+  function cell(tr, text, cls) {
+    const td = document.createElement('td');
+    td.textContent = text;
+    if (cls) td.className = cls;
+    tr.appendChild(td);
+    return td;
+  }
+  function render(q) {
+    const hits = search(q);
+    body.replaceChildren();
+    for (const e of hits.slice(0, 2000)) {
+      const tr = document.createElement('tr');
+      tr.className = 'latent';
+      tr.dataset.key = e.key;
+      tr.dataset.id = String(e.id);
+      const a = document.createElement('a');
+      a.href = e.url;
+      a.textContent = String(e.id);
+      cell(tr, '').appendChild(a);
+      cell(tr, e.key);
+      cell(tr, fmt(100 * e.density, 3) + '%', 'num');
+      cell(tr, e.max === null ? '' : Number(e.max).toPrecision(3), 'num');
+      cell(tr, e.top.map(t => JSON.stringify(t)).join(' '));
+      cell(tr, e.explanation.join(' | '), 'pat');
+      cell(tr, fmt(e.precision, 2), 'num');
+      cell(tr, fmt(e.recall, 2), 'num');
+      body.appendChild(tr);
+    }
+    count.textContent = hits.length + ' of ' + data.latents.length + ' latents';
+  }
+  const q0 = new URLSearchParams(location.search).get('q') || '';
+  box.value = q0;
+  render(q0);
+  box.addEventListener('input', function () {
+    render(box.value);
+    try {
+      const u = new URL(location.href);
+      if (box.value) u.searchParams.set('q', box.value); else u.searchParams.delete('q');
+      history.replaceState(null, '', u);
+    } catch (err) { /* some browsers refuse replaceState on file:// URLs */ }
+  });
+  window.saehookSearch = search;
+})();
+"""
+
+
+def _esc(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _visible(tok: str) -> str:
+    return tok.replace("\n", "\u21b5").replace("\t", "\u21e5").replace("\r", "")
+
+
+def _json_for_script(obj) -> str:
+    """JSON safe inside ``<script>``: ``<``, ``>`` and ``&`` as unicode escapes."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def _page(title: str, body: str, script: str = "") -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f"<title>{_esc(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n{script}</body></html>\n")
+
+
+def _num(x, fmt="{:.3f}") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
+
+
+class _Decoder:
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token_id: int) -> str:
+        if token_id not in self.cache:
+            self.cache[token_id] = decode_token(self.tokenizer, token_id)
+        return self.cache[token_id]
+
+
+def _example_html(ex: dict, top: float, dec: _Decoder) -> str:
+    spans = []
+    for i, (t, a) in enumerate(zip(ex["tokens"], ex["acts"])):
+        alpha = max(0.0, min(1.0, a / top)) if top > 0 else 0.0
+        cls = "t hit" if i == ex["index"] else "t"
+        style = f' style="background:rgba(255,140,0,{alpha:.3f})"' if alpha > 0 else ""
+        spans.append(f'<span class="{cls}"{style} title="{a:.3f}">{_esc(_visible(dec(t)))}</span>')
+    return f'<div class="ex"><span class="v">{ex["value"]:.3f}</span>{"".join(spans)}</div>'
+
+
+def _latent_page(key, latent: int, ex: TopExamples, expl, effects, dec: _Decoder, prev_next, n_tokens: int,
+                 settings: dict) -> str:
+    examples = ex.examples(latent)
+    top = ex.max_activation(latent)
+    density = float(ex.density[latent])
+    parts = [f"<h1>Latent {latent} <span class='muted'>at {_esc(key)}</span></h1>",
+             "<nav><a href='../index.html'>index</a>"
+             + "".join(f" &middot; <a href='{_esc(url)}'>{label}</a>" for label, url in prev_next if url)
+             + "</nav>",
+             "<h2>Statistics</h2><table>"
+             f"<tr><td>density</td><td class='num'>{density:.5%}</td><td class='muted'>fires on "
+             f"{round(density * n_tokens)} of {n_tokens} evaluated tokens</td></tr>"
+             f"<tr><td>mean activation when firing</td><td class='num'>{float(ex.mean_activation[latent]):.4f}</td>"
+             "<td></td></tr>"
+             f"<tr><td>max activation</td><td class='num'>{top:.4f}</td><td></td></tr></table>"]
+    parts.append("<h2>Explanation (Neuron-to-Graph)</h2>")
+    if expl is None:
+        parts.append("<p class='muted'>not explained (only a sample of the shown latents is explained)</p>")
+    else:
+        ff = settings.get("fire_fraction", 0.5)
+        c = expl.counts
+        parts.append(
+            f"<p>precision <b>{_num(expl.precision)}</b>, recall <b>{_num(expl.recall)}</b>, F1 "
+            f"<b>{_num(expl.f1)}</b> on {c.get('tokens', 0)} held-out tokens, where &ldquo;fires&rdquo; means an "
+            f"activation above {ff:g} &times; max ({c.get('fires', 0)} positions; {c.get('predicted', 0)} "
+            f"predicted, {c.get('hits', 0)} correct). Any activation &gt; 0: precision {_num(expl.precision_any)}, "
+            f"recall {_num(expl.recall_any)}.</p>")
+        rows = "".join(f"<tr><td class='pat'>{_esc(_visible(txt))}</td><td class='num'>{act:.2f}</td>"
+                       f"<td class='num'>{cnt}</td></tr>"
+                       for txt, (_, act, cnt) in zip(expl.pattern_texts(dec.tokenizer), expl.trie.patterns()))
+        parts.append("<p class='muted'>Patterns in reading order: the activating token in brackets, * matches "
+                     "any token.</p><table><tr><th>pattern</th><th>activation / max</th><th>examples</th></tr>"
+                     f"{rows}</table>")
+    parts.append("<h2>Logit effects</h2>")
+    if effects is None:
+        parts.append("<p class='muted'>not available for this hookpoint</p>")
+    else:
+        def table(name, items):
+            body = "".join(f"<tr><td class='t'>{_esc(_visible(t))}</td><td class='num'>{v:+.3f}</td></tr>"
+                           for t, v in items)
+            return f"<div><b>{name}</b><table>{body}</table></div>"
+
+        parts.append("<p class='muted'>Direct effect of one unit of the latent on the logits: "
+                     "W_U (g &#8857; W_dec[j]) through the final norm's weight g, linearised.</p>"
+                     f"<div class='cols'>{table('promoted', effects['promoted'])}"
+                     f"{table('suppressed', effects['suppressed'])}</div>")
+    parts.append(f"<h2>Top {len(examples)} activating examples</h2><div id='examples'>")
+    parts.extend(_example_html(e, top, dec) for e in examples)
+    if not examples:
+        parts.append("<p class='muted'>no example: this latent never fired</p>")
+    parts.append("</div>")
+    return _page(f"latent {latent} ({key})", "\n".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------- build
+def build_dashboard(run_or_saes, out_dir: str | os.PathLike, model, tokenizer, source, *, tokens: int = 20_000,
+                    score_tokens: int | None = None, n_latents_shown: int = 64, n_explained: int = 32,
+                    latents: Sequence[int] | Mapping[Key, Sequence[int]] | None = None, n_examples: int = 20,
+                    context: tuple[int, int] = (16, 4), n_logits: int = 10, batch_size: int = 8,
+                    skip_positions: int = 1, seed: int = 0, explain_kwargs: dict | None = None,
+                    progress: bool = False) -> Path:
+    """Write a static HTML dashboard of autoencoder latents to ``out_dir``; returns ``out_dir/index.html``.
+
+    Args:
+        run_or_saes: ``{key: TopKSAE}``, or a run folder / autoencoder folder (see :func:`load_saes`).
+        model: the language model the autoencoders read.
+        tokenizer: its tokenizer (to show tokens).
+        source: held-out text: a :class:`~saehook.Corpus` (its ``"test"`` windows) or an iterable of
+            ``input_ids`` batches / model-input dicts. Its first ``tokens`` evaluated positions give the top
+            examples and densities, the next ``score_tokens`` (default ``tokens // 2``) score the explanations.
+        n_latents_shown: pages for this many latents per hookpoint, a random sample (``seed``) of those that
+            fired; ``latents`` names them instead (a list, or ``{key: list}``).
+        n_explained: N2G explanations for this many of the shown latents (a random sample; 0: none).
+        n_examples: top examples per latent.
+        context: their ``(left, right)`` tokens of context.
+        n_logits: promoted / suppressed tokens listed per latent.
+        explain_kwargs: passed on to :func:`saehook.explain.explain` (``fire_fraction``, ``keep_fraction``...).
+    """
+    from .explain import explain
+    from .formats._common import hookpoint_dirname
+    from .plots import plot_density
+
+    t_start = time.perf_counter()
+    saes = load_saes(run_or_saes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    score_tokens = tokens // 2 if score_tokens is None else score_tokens
+    first, second, n1, n2 = _split_source(source, tokens, score_tokens, batch_size, skip_positions)
+    if not first:
+        raise ValueError("the source gave no batch to collect examples from")
+    timings: dict = {}
+    t0 = time.perf_counter()
+    exs = top_examples(model, saes, first, tokens=tokens, n_examples=n_examples, context=context,
+                       batch_size=batch_size, skip_positions=skip_positions, progress=progress)
+    timings["examples_s"] = time.perf_counter() - t0
+    rng = random.Random(seed)
+    shown: dict = {}
+    explained: dict = {}
+    for key, ex in exs.items():
+        wanted = latents.get(key) if isinstance(latents, Mapping) else latents
+        if wanted is not None:
+            shown[key] = sorted(int(j) for j in wanted)
+        else:
+            alive = (ex.values[:, 0] > 0).nonzero().flatten().tolist()
+            shown[key] = sorted(rng.sample(alive, min(n_latents_shown, len(alive))))
+        explained[key] = sorted(rng.sample(shown[key], min(n_explained, len(shown[key]))))
+    report = None
+    t0 = time.perf_counter()
+    if n_explained > 0 and any(explained.values()):
+        if not second:
+            log.warning("the source has no text left after the %d example tokens: no explanations", n1)
+        else:
+            report = explain(model, saes, exs, second, tokens=score_tokens, latents=explained,
+                             batch_size=batch_size, skip_positions=skip_positions, progress=progress,
+                             **(explain_kwargs or {}))
+    timings["explain_s"] = time.perf_counter() - t0
+    dec = _Decoder(tokenizer)
+    index, summary = [], {}
+    t0 = time.perf_counter()
+    for key, ex in exs.items():
+        name = hookpoint_dirname(str(key))
+        (out / name).mkdir(parents=True, exist_ok=True)
+        plot_density(ex.density, out / name / "density.png", title=f"latent density at {key} ({ex.n_tokens} tokens)")
+        try:
+            eff = logit_effects(model, saes[key], shown[key])
+            effects = dict(zip(shown[key], top_tokens(eff, tokenizer, n_logits)))
+        except ValueError as e:
+            log.info("no logit effects for %r: %s", key, e)
+            effects = {}
+        exps = report[key] if report is not None else {}
+        lats = shown[key]
+        for i, lat in enumerate(lats):
+            expl = exps.get(lat)
+            url = f"{name}/latent-{lat}.html"
+            prev_next = [("previous", f"latent-{lats[i - 1]}.html" if i > 0 else None),
+                         ("next", f"latent-{lats[i + 1]}.html" if i + 1 < len(lats) else None)]
+            page = _latent_page(key, lat, ex, expl, effects.get(lat), dec, prev_next, ex.n_tokens,
+                                report.settings if report is not None else {})
+            (out / url).write_text(page, encoding="utf-8")
+            r = ex.row(lat)
+            acts_tok = [int(t) for t, v in zip(ex.tokens[r, :, ex.left].tolist(), ex.values[r].tolist()) if v > 0]
+            top = [dec(t) for t, _ in Counter(acts_tok).most_common(5)]
+            pats = expl.pattern_texts(tokenizer)[:5] if expl is not None else []
+            clean = (lambda v: v if v is not None and math.isfinite(v) else None)  # noqa: E731
+            index.append({"key": str(key), "id": lat, "url": url, "density": float(ex.density[lat]),
+                          "max": ex.max_activation(lat), "top": top, "explanation": pats,
+                          "precision": clean(expl.precision) if expl else None,
+                          "recall": clean(expl.recall) if expl else None,
+                          "text": " ".join([str(key), *top, *pats]).lower()})
+        dead = float((ex.density == 0).float().mean())
+        summary[str(key)] = {"dir": name, "tokens": ex.n_tokens, "score_tokens": n2, "n_latents": ex.n_latents,
+                             "dead_frac": dead, "shown": len(lats), "explained": len(exps),
+                             "explainability": report.summary(key) if report is not None else None}
+    timings["pages_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    settings = {"tokens": tokens, "score_tokens": score_tokens, "n_examples": n_examples, "context": list(context),
+                "skip_positions": skip_positions, "seed": seed, "explain": report.settings if report else None}
+    (out / "summary.json").write_text(json.dumps({"hookpoints": summary, "settings": settings, "timings": timings},
+                                                 indent=2, default=_json_default))
+    (out / "index.html").write_text(_index_page(summary, index, report), encoding="utf-8")
+    return out / "index.html"
+
+
+def _json_default(v):
+    if isinstance(v, float):
+        return None
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    return str(v)
+
+
+def _index_page(summary: dict, index: list, report) -> str:
+    rows = []
+    for key, s in summary.items():
+        e = s["explainability"] or {}
+        rows.append(f"<tr><td>{_esc(key)}</td><td class='num'>{s['n_latents']}</td><td class='num'>{s['tokens']}</td>"
+                    f"<td class='num'>{s['dead_frac']:.2%}</td><td class='num'>{s['explained']}</td>"
+                    f"<td class='num'>{_num(e.get('precision'))}</td><td class='num'>{_num(e.get('recall'))}</td>"
+                    f"<td class='num'>{_num(e.get('f1'))}</td></tr>")
+    ff = report.settings["fire_fraction"] if report is not None else None
+    imgs = "".join(f"<figure><img src='{_esc(s['dir'])}/density.png' alt='density at {_esc(k)}'>"
+                   f"<figcaption>{_esc(k)}</figcaption></figure>" for k, s in summary.items())
+    body = ("<h1>saehook latent dashboard</h1>"
+            "<table><tr><th>hookpoint</th><th>latents</th><th>tokens</th><th>dead</th><th>explained</th>"
+            "<th>precision</th><th>recall</th><th>F1</th></tr>" + "".join(rows) + "</table>"
+            + (f"<p class='muted'>Mean N2G precision / recall over the explained latents, on held-out text; fires = "
+               f"activation &gt; {ff:g} &times; the latent's max.</p>" if ff is not None else "")
+            + f"<div class='cols'>{imgs}</div>"
+            "<h2>Latents</h2><p><input id='q' type='search' placeholder='latent id (#123), token or explanation' "
+            "autofocus> <span id='count' class='muted'></span></p>"
+            "<table id='results'><thead><tr><th>latent</th><th>hookpoint</th><th>density</th><th>max</th>"
+            "<th>top activating tokens</th><th>explanation</th><th>P</th><th>R</th></tr></thead>"
+            "<tbody id='rows'></tbody></table>"
+            "<noscript><p>The search and the list need JavaScript.</p></noscript>")
+    data = f'<script id="latent-index" type="application/json">{_json_for_script({"latents": index})}</script>\n'
+    return _page("saehook dashboard", body, data + f"<script>{SEARCH_JS}</script>\n")

@@ -1,0 +1,140 @@
+"""The static HTML dashboard: files, HTML escaping, the rendered DOM in headless Chromium (search included),
+the `saehook dashboard` command, and the density plot."""
+
+import json
+import re
+import shutil
+import subprocess
+import urllib.parse
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_explain import PLANTED, TOK, planted_sae, token_batches
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from saehook import TopKSAE
+from saehook.cli import main
+from saehook.dashboard import build_dashboard, load_saes
+from saehook.plots import plot_density
+
+EVIL = "<script>alert(1)</script>"  # the string of token TOK: it must be shown, never run
+
+
+def make_tokenizer():
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, 128)]
+    words[TOK] = EVIL
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>")
+    return tok, words
+
+
+def chromium_dom(url: str, tmp_path) -> str:
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.fail("chromium is not installed: this test renders the dashboard in headless Chromium. Install it "
+                    "with `apt-get install -y chromium` (Debian/Ubuntu; .ci/run does this when it is missing)")
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--dump-dom", url]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "<html" in res.stdout, res.stderr[-2000:]
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dash")
+    model = tiny_model("llama")
+    tok, _ = make_tokenizer()
+    torch.manual_seed(3)
+    saes = {"model.embed_tokens": planted_sae(model), 1: TopKSAE(32, 64, 4)}
+    index = build_dashboard(saes, out, model, tok, token_batches(0, 12), tokens=700, score_tokens=700,
+                            n_latents_shown=6, n_explained=6, n_examples=8, context=(6, 2),
+                            latents={"model.embed_tokens": [PLANTED, 11, 20]})
+    return out, index
+
+
+def test_files_and_summary(dashboard):
+    out, index = dashboard
+    assert index == out / "index.html" and index.is_file()
+    for name in ("model.embed_tokens", "1"):
+        assert (out / name / "density.png").stat().st_size > 1000
+    pages = sorted(p.name for p in (out / "model.embed_tokens").glob("latent-*.html"))
+    assert pages == ["latent-11.html", "latent-20.html", f"latent-{PLANTED}.html"]
+    assert len(list((out / "1").glob("latent-*.html"))) == 6
+    summary = json.loads((out / "summary.json").read_text())
+    s = summary["hookpoints"]["model.embed_tokens"]
+    assert s["shown"] == 3 and s["explained"] == 3 and s["tokens"] >= 700 and s["score_tokens"] >= 700
+    assert 0 <= s["explainability"]["precision"] <= 1 and summary["hookpoints"]["1"]["explained"] == 6
+    assert set(summary["timings"]) >= {"examples_s", "explain_s", "pages_s", "total_s"}
+    for page in (out / "model.embed_tokens").glob("*.html"):  # self-contained: no external asset
+        text = page.read_text()
+        assert not re.search(r"(src|href)=['\"]?(https?:)?//", text)
+
+
+def test_token_strings_are_escaped(dashboard):
+    out, _ = dashboard
+    page = (out / "model.embed_tokens" / f"latent-{PLANTED}.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and EVIL not in page
+    assert "<script" not in page  # latent pages carry no script at all
+    index = (out / "index.html").read_text()
+    assert EVIL not in index and "alert(1)" in index  # inside the JSON index, as \u003cscript\u003e...
+    assert "precision <b>1.000</b>, recall <b>1.000</b>" in page  # the planted latent, explained exactly
+
+
+def test_latent_page_renders_in_chromium(dashboard, tmp_path):
+    out, _ = dashboard
+    dom = chromium_dom((out / "model.embed_tokens" / f"latent-{PLANTED}.html").as_uri(), tmp_path)
+    examples = dom.split('id="examples"', 1)[1]
+    assert examples.count('class="ex"') == 8  # every top example is in the rendered page
+    assert examples.count('class="t hit"') == 8 and "&lt;script&gt;alert(1)&lt;/script&gt;" in examples
+    assert "<script>alert" not in dom  # the token became text, not an element
+    assert "promoted" in dom and "suppressed" in dom
+
+
+def rows(dom: str) -> list[tuple[str, str]]:
+    return re.findall(r'<tr class="latent" data-key="([^"]*)" data-id="(\d+)"', dom)
+
+
+def test_index_search_filters_in_chromium(dashboard, tmp_path):
+    out, index = dashboard
+    every = rows(chromium_dom(index.as_uri(), tmp_path))
+    assert len(every) == 9  # 3 + 6 shown latents
+    by_id = rows(chromium_dom(index.as_uri() + "?q=" + urllib.parse.quote(f"#{PLANTED}"), tmp_path))
+    assert ("model.embed_tokens", str(PLANTED)) in by_id and {i for _, i in by_id} == {str(PLANTED)}
+    by_token = rows(chromium_dom(index.as_uri() + "?q=script", tmp_path))  # top token of the planted latent
+    assert ("model.embed_tokens", str(PLANTED)) in by_token and len(by_token) < len(every)
+    assert rows(chromium_dom(index.as_uri() + "?q=no-such-thing", tmp_path)) == []
+
+
+def test_dashboard_command(tmp_path, capsys):
+    model = tiny_model("llama")
+    tok, words = make_tokenizer()
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    text = tmp_path / "text"
+    text.mkdir()
+    for d, ids in enumerate(token_batches(5, 1, rows=12, length=120)[0]):
+        (text / f"{d}.txt").write_text(" ".join(words[i] for i in ids[1:]).replace(EVIL, "w9"))
+    run = tmp_path / "run"
+    planted_sae(model).save(run / "model.embed_tokens")
+    assert list(load_saes(run)) == ["model.embed_tokens"]
+    out = tmp_path / "dash"
+    assert main(["dashboard", str(run), "--out", str(out), "--model", str(path), "--corpus", str(text),
+                 "--holdout", "0.5", "--context", "32", "--tokens", "300", "--latents", "4", "--explain", "2",
+                 "--examples", "5", "--batch-size", "2", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "model.embed_tokens" in printed and "precision" in printed and "index.html" in printed
+    assert (out / "index.html").is_file() and len(list((out / "model.embed_tokens").glob("latent-*.html"))) == 4
+
+
+def test_plot_density(tmp_path):
+    density = torch.cat([torch.zeros(5), torch.logspace(-4, -1, 40)])
+    png = plot_density(density, tmp_path / "d" / "density.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot_density(torch.zeros(3), tmp_path / "dead.png")  # all dead: nothing to histogram, still a figure
