@@ -39,7 +39,7 @@ def add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
                    help="hookpoints: decoder-layer indices and/or module paths (default: 20)")
     p.add_argument("--latents", type=parse_count, default=4096 if demo else 16384, help="n_latents per autoencoder")
     p.add_argument("--k", type=int, default=32, help="active latents per token")
-    p.add_argument("--tokens", type=parse_count, default=parse_count("500k" if demo else "2M"),
+    p.add_argument("--tokens", type=parse_count, default=parse_count("900k" if demo else "2M"),
                    help="training tokens per hookpoint, e.g. 2M")
     p.add_argument("--batch-tokens", type=parse_count, default=8192, help="activation rows per optimizer step")
     p.add_argument("--context", type=int, default=128, help="tokens per window")
