@@ -1,0 +1,56 @@
+"""Interop check against the real peer libraries (needs the benchmark-only venv with eai-sparsify and sae-lens):
+saehook -> sparsify / SAELens files load in those libraries with the same reconstructions, and their own files
+load in saehook.
+
+    .venv-bench/bin/python benchmarks/check_formats_with_peers.py
+"""
+
+import tempfile
+from pathlib import Path
+
+import torch
+from sae_lens import SAE, TopKSAEConfig
+from sparsify import SparseCoder, SparseCoderConfig
+
+import saehook
+from saehook.formats import save_saelens, save_sparsify
+
+tmp = Path(tempfile.mkdtemp())
+torch.manual_seed(0)
+x = torch.randn(10, 16)
+sae = saehook.TopKSAE(16, 64, 4)
+with torch.no_grad():
+    sae.b_enc.normal_(0, 0.1)
+    sae.b_dec.normal_(0, 0.3)
+    sae.W_enc.add_(0.2 * torch.randn_like(sae.W_enc))
+    sae.input_scale.fill_(0.5)
+ref = sae.decode(sae.encode(x))
+results = {}
+
+save_sparsify(sae, tmp / "sp")
+results["saehook -> sparsify"] = (SparseCoder.load_from_disk(tmp / "sp", device="cpu")(x).sae_out - ref)
+save_saelens(sae, tmp / "sl", hook_name="blocks.1.hook_resid_post", model_name="tiny")
+results["saehook -> sae-lens"] = SAE.load_from_disk(str(tmp / "sl"), device="cpu")(x) - ref
+
+sc = SparseCoder(16, SparseCoderConfig(num_latents=64, k=4), device="cpu")
+with torch.no_grad():
+    sc.encoder.bias.normal_(0, 0.1)
+    sc.b_dec.normal_(0, 0.3)
+sc.save_to_disk(tmp / "real_sp" / "layers.3")
+s = saehook.load(tmp / "real_sp", hookpoint="layers.3")
+results["sparsify -> saehook"] = s.decode(s.encode(x)) - sc(x).sae_out
+
+sl = SAE.from_dict(TopKSAEConfig(d_in=16, d_sae=64, k=4, dtype="float32", device="cpu",
+                                 apply_b_dec_to_input=False).to_dict())
+with torch.no_grad():
+    for p in sl.parameters():
+        p.normal_(0, 0.3)
+sl.save_model(str(tmp / "real_sl"))
+s2 = saehook.load(tmp / "real_sl")
+results["sae-lens -> saehook"] = s2.decode(s2.encode(x)) - sl(x)
+
+for name, diff in results.items():
+    err = diff.abs().max().item()
+    print(f"{name:<22} max |reconstruction difference| = {err:.2e}")
+    assert err < 1e-5, name
+print("all four directions agree")
