@@ -46,4 +46,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check saehook tests recipes
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info site
