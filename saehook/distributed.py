@@ -84,34 +84,32 @@ def barrier() -> None:
     _guard(dist.barrier)
 
 
+def _padded(x: Tensor) -> tuple[Tensor, list[int]]:
+    """Every rank's row count, and ``x`` zero-padded to the largest (collectives need equal shapes)."""
+    n = torch.tensor([len(x)], dtype=torch.long, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    _guard(dist.all_gather, sizes, n)
+    counts = [int(s.item()) for s in sizes]
+    padded = torch.zeros(max(counts), *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[: len(x)] = x
+    return padded, counts
+
+
 def all_gather_rows(x: Tensor) -> Tensor:
     """Concatenate every rank's rows ``x [m_r, d]`` in rank order (the m_r may differ)."""
-    world = dist.get_world_size()
-    n = torch.tensor([len(x)], dtype=torch.long, device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    _guard(dist.all_gather, sizes, n)
-    m = int(max(s.item() for s in sizes))
-    padded = torch.zeros(m, *x.shape[1:], dtype=x.dtype, device=x.device)
-    padded[: len(x)] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
+    padded, counts = _padded(x)
+    parts = [torch.empty_like(padded) for _ in counts]
     _guard(dist.all_gather, parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
 def gather_rows(x: Tensor, dst: int) -> Tensor | None:
     """Every rank's rows ``x [m_r, d]`` concatenated on rank ``dst`` (None elsewhere)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    n = torch.tensor([len(x)], dtype=torch.long, device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    _guard(dist.all_gather, sizes, n)
-    m = int(max(s.item() for s in sizes))
-    padded = torch.zeros(m, *x.shape[1:], dtype=x.dtype, device=x.device)
-    padded[: len(x)] = x
-    parts = [torch.empty_like(padded) for _ in range(world)] if rank == dst else None
+    padded, counts = _padded(x)
+    mine = dist.get_rank() == dst
+    parts = [torch.empty_like(padded) for _ in counts] if mine else None
     _guard(dist.gather, padded, parts, dst=dst)
-    if rank != dst:
-        return None
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]) if mine else None
 
 
 def global_variance(x: Tensor) -> Tensor:

@@ -51,16 +51,21 @@ def unwrap(model) -> nn.Module:
     raise TypeError(f"expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
 
 
-def num_layers_of(model: nn.Module) -> int | None:
-    """The configured decoder-layer count (``num_hidden_layers``, ``n_layer`` or ``num_layers`` of the
-    config, or of its text config), or None when the config has none."""
+def _config_int(model: nn.Module, names: tuple[str, ...]) -> int | None:
+    """The first integer attribute among ``names`` of the model's (text) config, else None."""
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+    for attr in names:
         n = getattr(cfg, attr, None)
         if isinstance(n, int):
             return n
     return None
+
+
+def num_layers_of(model: nn.Module) -> int | None:
+    """The configured decoder-layer count (``num_hidden_layers``, ``n_layer`` or ``num_layers`` of the
+    config, or of its text config), or None when the config has none."""
+    return _config_int(model, ("num_hidden_layers", "n_layer", "num_layers"))
 
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -77,13 +82,7 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def hidden_size_of(model: nn.Module) -> int | None:
     """The configured hidden size (``hidden_size``, ``n_embd`` or ``d_model`` of the config, or of its
     text config), or None when the config has none."""
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        n = getattr(cfg, attr, None)
-        if isinstance(n, int):
-            return n
-    return None
+    return _config_int(model, ("hidden_size", "n_embd", "d_model"))
 
 
 def _module_width(module: nn.Module, site: str) -> int | None:
