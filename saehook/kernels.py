@@ -70,9 +70,10 @@ class TopKEncode(torch.autograd.Function):
         # Main values exact in the master dtype: gathered from an fp32 pre, or recomputed from k rows.
         vals = _gather_pre(xc, W_enc, b_enc, top.indices) if low else top.values
         idx, aux_idx, aux_vals = top.indices, top.indices.new_empty(len(xc), 0), vals.new_empty(len(xc), 0)
-        if dead_mask is not None:
-            aux = pre.masked_fill_(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=True)
-            aux_idx, aux_vals = aux.indices, aux.values.to(vals.dtype)  # AuxK: pre-activation precision
+        if dead_mask is not None:  # top-k_aux over the dead columns only (no masked copy of the whole [N, n])
+            cols = dead_mask.nonzero().squeeze(1)
+            aux = pre.index_select(1, cols).topk(k_aux, dim=-1, sorted=True)
+            aux_idx, aux_vals = cols[aux.indices], aux.values.to(vals.dtype)  # AuxK: pre-activation precision
         del pre
         idx_all = torch.cat([idx, aux_idx], 1)
         vals_all = torch.cat([vals, aux_vals], 1).relu_()
