@@ -264,11 +264,8 @@ class _Evaluation:
             batch["position_ids"] = (real.long().cumsum(-1) - 1).clamp_min(0)  # as generate does
         lmask = loss_mask(evaluated, real)
         self._rows = {"evaluated": evaluated}
-        self.hooked._taps.append(self._tap)
-        try:
+        with self.hooked._tapping(self._tap):
             logp_clean, ce_clean = self._pass(batch, lmask)
-        finally:
-            self.hooked._taps.remove(self._tap)
         for key in self.keys:
             self.stats[key].add(self._rows[key])
             self.mean_saes[key].b_dec.copy_(self.stats[key].mean.to(self.mean_saes[key].b_dec.device))

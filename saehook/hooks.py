@@ -229,6 +229,16 @@ class Hooked:
         return targets
 
     @contextlib.contextmanager
+    def _tapping(self, tap) -> Iterator[Hooked]:
+        """While inside, ``tap(key, hookpoint, x)`` sees every hookpoint activation (training, evaluation)."""
+        self._taps.append(tap)
+        try:
+            yield self
+        finally:
+            if tap in self._taps:
+                self._taps.remove(tap)
+
+    @contextlib.contextmanager
     def _pushed(self, edit: Edit) -> Iterator[Hooked]:
         if not self.attached:
             raise RuntimeError("these autoencoders are detached; use the context inside `with attach(...)`")
@@ -293,12 +303,8 @@ class Hooked:
             session.tap(key, hp, x)
             session.drain()
 
-        self._taps.append(tap)
-        try:
+        with self._tapping(tap):
             yield session
-        finally:
-            if tap in self._taps:
-                self._taps.remove(tap)
 
 
 def attach(model, saes: Mapping[Key, TopKSAE], *, record: bool = True) -> Hooked:

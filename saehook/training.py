@@ -77,16 +77,13 @@ def collect_activations(hooked, source, tokens: int, *, batch_size: int = 8, ski
             raise StopForward
 
     device = _model_device(hooked.model)
-    hooked._taps.append(tap)
-    try:
+    with hooked._tapping(tap):
         for batch in iter_batches(source, batch_size=batch_size):
             if min(counts.values()) >= tokens:
                 break
             session.attention_mask = batch.get("attention_mask")
             with contextlib.suppress(StopForward):
                 hooked.model(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()})
-    finally:
-        hooked._taps.remove(tap)
     return {key: torch.cat(r)[:tokens] for key, r in rows.items()}
 
 
@@ -231,38 +228,36 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
     saved_bucket = all_max(session.steps) // cfg.checkpoint_every
     was_recording = hooked.record
     hooked.record = False
-    hooked._taps.append(session.tap)
     # data parallel: rank r reads batches r, r + world, ... of the stream; layer sharding likewise
     stream = islice(iter_batches(source, batch_size=batch_size, start=position), rank, None, world)
     try:
-        while session.tokens < tokens:
-            batch = next(stream, None)
-            if not all_min(batch is not None):  # every rank stops when one runs out
-                break
-            batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-            session.attention_mask = batch.get("attention_mask")
-            session.seen = set()
-            with torch.no_grad(), contextlib.suppress(StopForward):
-                hooked.model(**batch)
-            position += world
-            session.drain()
-            bucket = all_max(session.steps) // cfg.checkpoint_every
-            if out is not None and bucket > saved_bucket:
-                saved_bucket = bucket
+        with hooked._tapping(session.tap):
+            while session.tokens < tokens:
+                batch = next(stream, None)
+                if not all_min(batch is not None):  # every rank stops when one runs out
+                    break
+                batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+                session.attention_mask = batch.get("attention_mask")
+                session.seen = set()
+                with torch.no_grad(), contextlib.suppress(StopForward):
+                    hooked.model(**batch)
+                position += world
+                session.drain()
+                bucket = all_max(session.steps) // cfg.checkpoint_every
+                if out is not None and bucket > saved_bucket:
+                    saved_bucket = bucket
+                    session.save(out, position)
+            for key, m in session.last.items():  # the final metrics are always logged
+                if logged.get(key) != int(m["step"]):
+                    record(key, m)
+            if session.tokens < tokens:
+                log.warning("source exhausted after %d of %d tokens", session.tokens, tokens)
+            if out is not None:
+                for key, tr in session.trainers.items():
+                    tr.sae.metadata.update(hookpoint=str(hooked.hookpoints[key]), tokens=tr.tokens, steps=tr.step_count,
+                                           model=getattr(getattr(hooked.model, "config", None), "_name_or_path", None))
                 session.save(out, position)
-        for key, m in session.last.items():  # the final metrics are always logged
-            if logged.get(key) != int(m["step"]):
-                record(key, m)
-        if session.tokens < tokens:
-            log.warning("source exhausted after %d of %d tokens", session.tokens, tokens)
-        if out is not None:
-            for key, tr in session.trainers.items():
-                tr.sae.metadata.update(hookpoint=str(hooked.hookpoints[key]), tokens=tr.tokens, steps=tr.step_count,
-                                       model=getattr(getattr(hooked.model, "config", None), "_name_or_path", None))
-            session.save(out, position)
     finally:
-        if session.tap in hooked._taps:
-            hooked._taps.remove(session.tap)
         hooked.record = was_recording
         bar.close()
         logger.close()
