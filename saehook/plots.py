@@ -20,13 +20,30 @@ def read_metrics(path: str | Path) -> dict[str, list[dict]]:
     return runs
 
 
-def plot_training(runs: dict[str, str | Path], out: str | Path, title: str = "") -> Path:
-    """FVU and dead fraction over training tokens for one or more runs (``{label: run dir}``)."""
+def _pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out: str | Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
+def plot_training(runs: dict[str, str | Path], out: str | Path, title: str = "") -> Path:
+    """FVU and dead fraction over training tokens for one or more runs (``{label: run dir}``)."""
+    plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for label, run in runs.items():
         for hp, rows in read_metrics(run).items():
@@ -41,23 +58,16 @@ def plot_training(runs: dict[str, str | Path], out: str | Path, title: str = "")
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=120)
 
 
 def plot_density(density, out: str | Path, title: str = "", bins: int = 50) -> Path:
     """Histogram of ``log10(density)`` over the latents that fired (``density``: the fraction of tokens on which
     each latent fires, e.g. ``EvalReport[key]["density"]`` or ``TopExamples.density``); dead latents (density
     0) cannot go on a log axis, so they are counted separately and annotated. Writes a PNG to ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = _pyplot()
 
     d = np.asarray(density.detach().cpu() if hasattr(density, "detach") else density, dtype=np.float64).ravel()
     alive = d[d > 0]
@@ -69,9 +79,4 @@ def plot_density(density, out: str | Path, title: str = "", bins: int = 50) -> P
     ax.set(xlabel="log10(fraction of tokens on which the latent fires)", ylabel="latents")
     ax.set_title(f"{title or f'latent density ({len(d)} latents)'}\n{note}", fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=100)
