@@ -45,7 +45,9 @@ class SAETrainer:
         self.ddp = None
         cfg = self.cfg
         self.lr = cfg.lr_for(sae.n_latents)
-        self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=cfg.betas, eps=cfg.eps)
+        # torch's fused Adam (one pass over each parameter instead of ~8) exists for CPU and CUDA floats.
+        fused = sae.W_enc.device.type in ("cpu", "cuda") and sae.W_enc.dtype in (torch.float32, torch.float64)
+        self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
         self.dead_threshold = cfg.dead_tokens
         if total_tokens:
             # never before a latent had one full batch to fire in
