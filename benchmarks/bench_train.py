@@ -133,8 +133,8 @@ for r in range(args.rounds):
         per_round[name].append(timed(runs[name]))
 rows = {name: statistics.median(v) for name, v in per_round.items()}
 trunc_name = f"truncated after layer {args.layer}"
-overhead = statistics.median(t / x - 1 for t, x in zip(per_round[trunc_name],
-                                                       per_round[f"train layer {args.layer} (n={args.latents}, k={args.k})"]))
+one_name = f"train layer {args.layer} (n={args.latents}, k={args.k})"
+overhead = statistics.median(t / x - 1 for t, x in zip(per_round[trunc_name], per_round[one_name]))
 
 base = rows[f"truncated after layer {args.layer}"]
 print(f"\nSmolLM2-135M bf16, {torch.get_num_threads()} threads, {tokens} tokens per measurement "
@@ -147,10 +147,12 @@ four = rows[f"train layers {args.layers4} in one pass"]
 print(f"\ntraining layer {args.layer} costs {overhead:+.1%} over the truncated forward (median of per-round ratios)")
 sess = one[1]["session"]
 last = next(iter(sess.last.values()))
-print(f"the layer-{args.layer} autoencoder took {one[1]['steps']} timed optimizer steps of {8192} rows, "
-      f"{1e3 * one[1]['drain_s'] / max(1, one[1]['steps']):.0f} ms each (all steps: {sess.steps}, batch fvu {last['fvu']:.3f})")
+ms_step = 1e3 * one[1]["drain_s"] / max(1, one[1]["steps"])
+print(f"the layer-{args.layer} autoencoder took {one[1]['steps']} timed optimizer steps of 8192 rows, {ms_step:.0f} ms "
+      f"each (all steps: {sess.steps}, batch fvu {last['fvu']:.3f})")
 print(f"four layers in one pass: {four:,.0f} tokens/s per layer-set; four separate truncated passes alone would "
       f"cost {4 / rows[f'truncated after layer {max(args.layers4)}'] * four:.2f}x the time of the single pass")
 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-Path(args.out).write_text(json.dumps({"tokens_per_s": rows, "per_round": per_round, "train_overhead": overhead,
-                                         "matmul_dtype": args.matmul_dtype, "threads": torch.get_num_threads()}, indent=2))
+result = {"tokens_per_s": rows, "per_round": per_round, "train_overhead": overhead, "ms_per_step": ms_step,
+          "matmul_dtype": args.matmul_dtype, "threads": torch.get_num_threads()}
+Path(args.out).write_text(json.dumps(result, indent=2))

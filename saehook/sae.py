@@ -151,11 +151,17 @@ class TopKSAE(nn.Module):
         return self._topk(self.pre_acts(x), k or self.k)
 
     def _decode_normalised(self, codes: Codes, bias: bool = True) -> Tensor:
-        # sum_j values[j] * W_dec[indices[j]] via embedding_bag: touches only the k active rows.
+        # sum_j values[j] * W_dec[indices[j]] via embedding_bag: touches only the k active rows. Under
+        # autograd, TopKDecode's backward stays sparse too (sampled dot products and a CSR product).
         shape = codes.indices.shape
         idx = codes.indices.reshape(-1, shape[-1])
         vals = codes.values.reshape(-1, shape[-1]).to(self.W_dec.dtype)
-        out = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
+        if torch.is_grad_enabled() and (vals.requires_grad or self.W_dec.requires_grad):
+            from .kernels import TopKDecode
+
+            out = TopKDecode.apply(vals, idx, self.W_dec)
+        else:
+            out = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
         out = out.reshape(*shape[:-1], self.d_in)
         return out + self.b_dec if bias else out
 

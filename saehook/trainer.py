@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor
 
+from .allocator import tune_cpu_allocator
 from .config import TrainConfig
 from .sae import TopKSAE
 
@@ -45,6 +46,8 @@ class SAETrainer:
         self.ddp = None
         cfg = self.cfg
         self.lr = cfg.lr_for(sae.n_latents)
+        if sae.W_enc.device.type == "cpu":
+            tune_cpu_allocator()  # reuse freed blocks instead of page-faulting them in every step
         # torch's fused Adam (one pass over each parameter instead of ~8) exists for CPU and CUDA floats.
         fused = sae.W_enc.device.type in ("cpu", "cuda") and sae.W_enc.dtype in (torch.float32, torch.float64)
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saehook import Codes, SAEConfigError, TopKSAE, fvu, geometric_median
+from saehook import Codes, SAEConfigError, TopKSAE, fvu, geometric_median, kernels
 
 
 def dense_reference(sae: TopKSAE, x: torch.Tensor, k: int):
@@ -72,8 +72,10 @@ def test_fvu_definition():
     assert abs(fvu(x, x.mean(0).expand_as(x)).item() - 1.0) < 1e-12
 
 
-@pytest.mark.parametrize("multi_topk", [False, True])
-def test_gradients_equal_dense_autograd(multi_topk):
+@pytest.mark.parametrize("multi_topk,chunk_rows", [(False, None), (True, None), (False, 7), (True, 7)])
+def test_gradients_equal_dense_autograd(multi_topk, chunk_rows, monkeypatch):
+    if chunk_rows:  # pre-activations in chunks of 7 rows (the last one shorter), as on CPU at large n
+        monkeypatch.setattr(kernels, "CPU_CHUNK_BYTES", chunk_rows * 96 * 8)
     sae = make_sae(multi_topk=multi_topk)
     x = torch.randn(40, 24, dtype=torch.float64)
     dead = torch.zeros(96, dtype=torch.bool)
@@ -99,6 +101,45 @@ def test_gradients_equal_dense_autograd(multi_topk):
     torch.testing.assert_close(loss, ref_loss)
     for (name, _), g, r in zip(sae.named_parameters(), grads, ref_grads):
         torch.testing.assert_close(g, r, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_bf16_matmul_selects_in_bf16_but_values_and_gradients_are_exact():
+    """matmul_dtype=bfloat16: the top-k is chosen from bf16 pre-activations, the chosen values and every
+    gradient are those of the fp32 formula restricted to that selection."""
+    torch.manual_seed(3)
+    sae = TopKSAE(32, 256, 8)
+    x = torch.randn(300, 32)
+    out = sae(x, matmul_dtype=torch.bfloat16)
+    grads = torch.autograd.grad(out.fvu, list(sae.parameters()))
+    idx = out.codes.indices
+    xn = x * sae.input_scale
+    pre = (xn - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    torch.testing.assert_close(out.codes.values, pre.gather(1, idx).relu(), rtol=0, atol=2e-6)
+    bf16_top = ((xn - sae.b_dec).bfloat16() @ sae.W_enc.bfloat16().T + sae.b_enc.bfloat16()).float().topk(8).values
+    assert (pre.gather(1, idx) >= bf16_top[:, -1:] - 0.05).all()  # chosen by the bf16 ranking
+    same = (idx.sort(1).values == pre.topk(8).indices.sort(1).values).all(1).float().mean()
+    assert same > 0.9  # and mostly the fp32 ranking too
+    ref = TopKSAE(32, 256, 8)
+    ref.load_state_dict(sae.state_dict())
+    mask = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, idx, True)
+    xr = x * ref.input_scale
+    pre_r = (xr - ref.b_dec) @ ref.W_enc.T + ref.b_enc
+    z = torch.where(mask, pre_r, torch.zeros_like(pre_r)).relu()
+    loss = fvu(xr, z @ ref.W_dec + ref.b_dec)
+    for (name, _), g, r in zip(sae.named_parameters(), grads, torch.autograd.grad(loss, list(ref.parameters()))):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_sparse_decoder_backward_equals_embedding_bag_autograd():
+    torch.manual_seed(4)
+    W = torch.randn(500, 16, dtype=torch.float64, requires_grad=True)
+    vals = torch.rand(64, 40, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 500, (64, 40))  # repeated latents within and across rows
+    dy = torch.randn(64, 16, dtype=torch.float64)
+    got = torch.autograd.grad(kernels.TopKDecode.apply(vals, idx, W), [vals, W], dy)
+    ref = torch.autograd.grad(F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum"), [vals, W], dy)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r)
 
 
 def test_auxk_only_uses_dead_latents_and_absent_without_mask():
@@ -292,3 +333,28 @@ def test_import_sets_passive_openmp_wait_unless_user_chose():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ACTIVE"
+
+
+def test_trainer_keeps_freed_cpu_memory_unless_user_chose():
+    """SAETrainer raises glibc's mmap/trim thresholds once (a fresh [16384, 576] tensor then costs no page
+    faults); SAEHOOK_TUNE_MALLOC=0 or any MALLOC_* variable leaves the allocator alone."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt thresholds are a glibc feature")
+    code = ("import saehook, saehook.allocator as a; saehook.SAETrainer(saehook.TopKSAE(8, 16, 2)); "
+            "print(a._done, a.tune_cpu_allocator())")
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("MALLOC_") or k == "SAEHOOK_TUNE_MALLOC")}
+
+    def run(**extra):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    assert run() == ["True", "True"]
+    assert run(SAEHOOK_TUNE_MALLOC="0") == ["False", "False"]
+    assert run(MALLOC_MMAP_THRESHOLD_="65536") == ["False", "False"]
+    assert run(MALLOC_ARENA_MAX="2") == ["False", "False"]
