@@ -85,6 +85,7 @@ import torch.nn.functional as F  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step.json"
 IMPLS = ["saehook-fp32", "saehook-bf16", "sparsify", "sae-lens"]
+MATMULS = ["matmul-fp32", "matmul-fp32-chunked", "matmul-bf16", "matmul-bf16-chunked"]
 LABEL = {"saehook-fp32": "saehook (fp32 matmul)", "saehook-bf16": "saehook (bf16 matmul)",
          "sparsify": "eai-sparsify 1.x (CPU path)", "sae-lens": "sae-lens TopK"}
 # Dense [tokens, n] fp32 tensors alive at a step's peak, a priori (used only to decide whether an
@@ -300,16 +301,21 @@ def setup_saelens(x, dead, w, k: int):
 
 
 def setup_matmul(impl: str, x, n: int):
-    """The encoder's dense product alone, as the kernel runs it: fp32 ``addmm`` with the bias, or bf16."""
+    """The encoder's dense product ``addmm(b, x, W^T)`` alone in fp32 or bf16, whole or in the row chunks
+    saehook's kernel uses (the faster of the two is the roofline)."""
     g = torch.Generator().manual_seed(0)
     W, b = torch.randn(n, x.shape[1], generator=g) / x.shape[1] ** 0.5, torch.zeros(n)
     xb, Wb, bb = x.bfloat16(), W.bfloat16(), b.bfloat16()
 
+    xm, Wm, bm = (x, W, b) if impl.startswith("matmul-fp32") else (xb, Wb, bb)
+    rows = len(x)
+    if impl.endswith("chunked"):  # as saehook's kernel runs it: row chunks of about 16 MiB of output
+        from saehook.kernels import _chunk_rows
+        rows = _chunk_rows(n, bm.element_size(), x.device)
+
     def step():
-        if impl == "matmul-fp32":
-            torch.addmm(b, x, W.t())
-        else:
-            F.linear(xb, Wb).add_(bb)
+        for s in range(0, len(xm), rows):
+            torch.addmm(bm, xm[s:s + rows], Wm.t())
         return 0.0
 
     return (lambda: None), step
@@ -335,7 +341,7 @@ def worker_rounds(job: dict) -> dict:
     implementation."""
     torch.manual_seed(0)
     x, dead = inputs(job["tokens"], job["d"], job["n"], job["dead_frac"])
-    impls = job["impls"] + (["matmul-fp32", "matmul-bf16"] if job.get("roofline") else [])
+    impls = job["impls"] + (MATMULS if job.get("roofline") else [])
     fns = {impl: setup(impl, x, dead, job["k"]) for impl in impls}
     res = {impl: {"runs_s": [], "losses": []} for impl in impls}
     for impl in impls:  # warm-up: allocates gradients and Adam state, first-call costs
@@ -354,7 +360,10 @@ def worker_rounds(job: dict) -> dict:
     for impl in impls:
         if not all(math.isfinite(v) for v in res[impl]["losses"]):
             raise FloatingPointError(f"{impl}: non-finite loss {res[impl]['losses']}")
-    return {"impls": res}
+    # saehook's trainer raises glibc's mmap/trim thresholds for the whole process: every implementation
+    # timed in this worker (the peers too) runs with them.
+    alloc = sys.modules.get("saehook.allocator")
+    return {"impls": res, "allocator_tuned": bool(alloc and alloc._done)}
 
 
 def worker_memory(job: dict) -> dict:
@@ -582,12 +591,17 @@ def memory_table(rows: list[dict]) -> str:
 
 
 def roofline_row(res: dict, n: int, tokens: int, d: int, k: int) -> dict:
-    """Matmul rate and the step's fraction of it, per round (same machine state), median over rounds."""
+    """Matmul rate and the step's fraction of it, per round (same machine state), median over rounds. The
+    matmul rate of a round is the faster of the whole product and the chunked one."""
     flops, mm_flops = tokens * (2 * d * n + 8 * k * d), 2 * tokens * d * n
     row = {"n": n, "flops_per_step": flops}
     for dt, impl in (("float32", "saehook-fp32"), ("bfloat16", "saehook-bf16")):
-        mm = res[f"matmul-{'fp32' if dt == 'float32' else 'bf16'}"]["runs_s"]
-        entry = {"matmul_median_s": statistics.median(mm), "matmul_gflops": mm_flops / statistics.median(mm) / 1e9,
+        short = "fp32" if dt == "float32" else "bf16"
+        whole, chunked = res[f"matmul-{short}"]["runs_s"], res[f"matmul-{short}-chunked"]["runs_s"]
+        mm = [min(a, b) for a, b in zip(whole, chunked)]
+        entry = {"matmul_whole_median_s": statistics.median(whole),
+                 "matmul_chunked_median_s": statistics.median(chunked),
+                 "matmul_median_s": statistics.median(mm), "matmul_gflops": mm_flops / statistics.median(mm) / 1e9,
                  "matmul_gflops_best": mm_flops / min(mm) / 1e9}
         if impl in res:
             st = res[impl]["runs_s"]
@@ -598,14 +612,16 @@ def roofline_row(res: dict, n: int, tokens: int, d: int, k: int) -> dict:
 
 
 def roofline_table(roof: list[dict]) -> str:
-    out = ["| n | matmul dtype | encoder matmul alone | matmul rate | saehook step | step rate (2dn+8kd) | "
-           "fraction of matmul rate |", "|---|---|---|---|---|---|---|"]
+    out = ["| dead | n | matmul dtype | encoder matmul alone (whole / chunked) | matmul rate (faster) | saehook step | "
+           "step rate (2dn+8kd) | fraction of matmul rate |", "|---|---|---|---|---|---|---|---|"]
     for rr in roof:
         for dt in ("float32", "bfloat16"):
             e = rr[dt]
             if "fraction" not in e:
                 continue
-            out.append(f"| {rr['n']:,} | {dt} | {1e3 * e['matmul_median_s']:.0f} ms | "
+            out.append(f"| {rr.get('dead_frac', 0):.0%} | {rr['n']:,} | {dt} | "
+                       f"{1e3 * e['matmul_whole_median_s']:.0f} / "
+                       f"{1e3 * e['matmul_chunked_median_s']:.0f} ms | "
                        f"{e['matmul_gflops']:.0f} GFLOP/s | {1e3 * e['step_median_s']:.0f} ms | "
                        f"{e['step_gflops']:.0f} GFLOP/s | "
                        f"{100 * e['fraction']:.0f}% |")
@@ -646,7 +662,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=8192, help="activation rows per step")
     p.add_argument("--d", type=int, default=576)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--dead-frac", type=float, default=0.1, help="fraction of latents in the dead mask")
+    p.add_argument("--dead-fracs", type=float, nargs="+", default=[0.1, 0.0],
+                   help="fractions of latents in the dead mask, one set of rounds each (AuxK acts when > 0)")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS)
     p.add_argument("--reps", type=int, default=5, help="timed steps at n <= 16384 (median; >= 3)")
     p.add_argument("--reps-large", type=int, default=3, help="timed steps at n > 16384 (>= 2)")
@@ -678,7 +695,7 @@ def main(argv=None) -> int:
 
     command = shlex.join([sys.executable, *sys.argv])
     print(f"command: OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} {command}", flush=True)
-    base_job = {"tokens": args.tokens, "d": args.d, "k": args.k, "dead_frac": args.dead_frac}
+    base_job = {"tokens": args.tokens, "d": args.d, "k": args.k, "dead_frac": args.dead_fracs[0]}
     if args.profile:
         worker_profile({**base_job, "n": args.sizes[0], "profile": args.profile})
         return 0
@@ -699,7 +716,8 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     roof: list[dict] = []
     measured_dense: dict[str, float] = {}  # impl -> step peak in dense tensors at the previous size
-    for n in sorted(args.sizes):
+    for dead_frac, n in ((f, n) for f in args.dead_fracs for n in sorted(args.sizes)):
+        first = dead_frac == args.dead_fracs[0]
         reps = args.reps if n <= 16384 else args.reps_large
         dense, resident = args.tokens * n * 4, 10 * n * args.d * 4  # per impl: weights, grads, Adam state
         fit = {i: dense * (measured_dense.get(i, DENSE_GUESS[i]) + 0.5) for i in impls}
@@ -708,23 +726,25 @@ def main(argv=None) -> int:
             worst = max(run, key=lambda i: fit[i])
             run.remove(worst)
             need = resident + fit[worst] + 1.5 * 2**30
-            rows.append({"impl": worst, "n": n, "skipped": f"skipped: needs ~{need / 2**30:.1f} GiB alone, "
-                                                              f"{avail / 2**30:.1f} GiB available"})
+            why = f"skipped: needs ~{need / 2**30:.1f} GiB alone, {avail / 2**30:.1f} GiB available"
+            rows.append({"impl": worst, "n": n, "dead_frac": dead_frac, "skipped": why})
             print(f"[bench_step] {worst} n={n}: {rows[-1]['skipped']}", flush=True)
         if not run:
             continue
-        print(f"[bench_step] n={n}: {', '.join(run)}: {args.warmup} warm-up + {reps} timed rounds ...", flush=True)
-        res = run_worker("rounds", {**base_job, "impls": run, "n": n, "reps": reps, "warmup": args.warmup,
-                                    "roofline": not args.skip_roofline})
+        print(f"[bench_step] n={n}, {dead_frac:.0%} dead: {', '.join(run)}: {args.warmup} warm-up + {reps} timed "
+              f"rounds ...", flush=True)
+        res = run_worker("rounds", {**base_job, "dead_frac": dead_frac, "impls": run, "n": n, "reps": reps,
+                                    "warmup": args.warmup, "roofline": not args.skip_roofline})
         if "error" in res:
             print(f"[bench_step] n={n} FAILED: {res['error']}", flush=True)
-            rows += [{"impl": i, "n": n, "error": res["error"]} for i in run]
+            rows += [{"impl": i, "n": n, "dead_frac": dead_frac, "error": res["error"]} for i in run]
             continue
         size_rows = []
         for impl in run:
             r = res["impls"][impl]
             med = statistics.median(r["runs_s"])
-            row = {"impl": impl, "n": n, "reps": reps, "ms_per_step": 1e3 * med, "ms_min": 1e3 * min(r["runs_s"]),
+            row = {"impl": impl, "n": n, "dead_frac": dead_frac, "reps": reps, "ms_per_step": 1e3 * med,
+                   "ms_min": 1e3 * min(r["runs_s"]),
                    "tokens_per_s": args.tokens / med, "runs_s": r["runs_s"], "losses": r["losses"],
                    "loadavg_before": res["loadavg_before"], "loadavg_after": res["loadavg_after"]}
             size_rows.append(row)
@@ -735,9 +755,11 @@ def main(argv=None) -> int:
                             if ref else None)
             print(f"    {LABEL[row['impl']]}: {row['ms_per_step']:.0f} ms/step (min {row['ms_min']:.0f}), "
                   f"{row['tokens_per_s']:,.0f} tokens/s", flush=True)
-        print(f"    load average {res['loadavg_before'][0]:.2f} before, {res['loadavg_after'][0]:.2f} after",
-              flush=True)
-        if not args.skip_memory:
+        print(f"    load average {res['loadavg_before'][0]:.2f} before, {res['loadavg_after'][0]:.2f} after; "
+              f"glibc thresholds raised for all implementations: {res.get('allocator_tuned')}", flush=True)
+        for row in size_rows:
+            row["allocator_tuned"] = res.get("allocator_tuned")
+        if not args.skip_memory and first:  # peak memory with AuxK acting (the first dead fraction)
             for row in size_rows:
                 mem = run_worker("memory", {**base_job, "impl": row["impl"], "n": n},
                                  MALLOC_MMAP_THRESHOLD_="131072")
@@ -750,7 +772,7 @@ def main(argv=None) -> int:
                     print(f"    {LABEL[row['impl']]}: memory not measured ({mem.get('error') or mem.get('why')})")
         rows += size_rows
         if not args.skip_roofline:
-            roof.append(roofline_row(res["impls"], n, args.tokens, args.d, args.k))
+            roof.append({**roofline_row(res["impls"], n, args.tokens, args.d, args.k), "dead_frac": dead_frac})
 
     numerics, failures = None, []
     if not args.skip_numerics:
@@ -772,11 +794,13 @@ def main(argv=None) -> int:
                  if "error" in r and r["impl"].startswith("saehook")]
 
     sizes = sorted(args.sizes)
-    print(f"\n### One optimizer step, d={args.d}, k={args.k}, {args.tokens} tokens/step, "
-          f"{args.dead_frac:.0%} dead (AuxK k_aux={args.d // 2})\n")
-    print(step_table(rows, sizes))
+    for f in args.dead_fracs:
+        aux = f"AuxK k_aux={args.d // 2}" if f > 0 else "AuxK idle"
+        print(f"\n### One optimizer step, d={args.d}, k={args.k}, {args.tokens} tokens/step, {f:.0%} dead ({aux})\n")
+        print(step_table([r for r in rows if r.get("dead_frac") == f], sizes))
     if any(r.get("memory") for r in rows):
-        print("\n### Memory: peak RSS during one step above the RSS just before it (each implementation alone)\n")
+        print(f"\n### Memory: peak RSS during one step above the RSS just before it (each implementation alone, "
+              f"{args.dead_fracs[0]:.0%} dead)\n")
         print(memory_table(rows))
     if roof:
         print(f"\n### Roofline: the encoder matmul [{args.tokens}, {args.d}] x [{args.d}, n] alone vs the whole step\n")
