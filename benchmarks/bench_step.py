@@ -81,7 +81,6 @@ import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step.json"
 IMPLS = ["saehook-fp32", "saehook-bf16", "sparsify", "sae-lens"]
@@ -459,13 +458,12 @@ def worker_numerics(job: dict) -> dict:
         return {name: p.grad.clone() for name, p in sae.named_parameters()}, out.codes.indices
 
     def bf16_selection(dm):
-        # the kernel's bf16 selection: bf16 matmul + bf16 bias, top-k, then top-k_aux of the dead ones
+        # the kernel's own bf16 selection (chunked bf16 addmm with the bias, top-k, top-k_aux of the dead ones)
+        from saehook.kernels import TopKEncode
         with torch.no_grad():
-            xc = x * s - sae.b_dec
-            pre = F.linear(xc.bfloat16(), sae.W_enc.bfloat16()).add_(sae.b_enc.bfloat16())
-            idx = pre.topk(k, dim=-1).indices
-            aux = pre.masked_fill(~dm, float("-inf")).topk(k_aux, dim=-1).indices if dm is not None else None
-        return idx, aux
+            _, idx, _, aux = TopKEncode.apply(x * s, sae.W_enc, sae.b_enc, sae.b_dec, k, dm,
+                                              k_aux if dm is not None else 0, torch.bfloat16)
+        return idx, (aux if dm is not None else None)
 
     def same_sets(a, b) -> int:
         return int((a.sort(-1).values != b.sort(-1).values).any(-1).sum())

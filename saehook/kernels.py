@@ -37,15 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _csr_rows(idx: Tensor, n: int, values: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
-    """The sparse ``[N, n]`` matrix with K entries per row at ``idx [N, K]`` (``values`` or zeros) as CSR."""
+def _csr_pattern(idx: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """The sparse ``[N, n]`` CSR matrix with zeros at the K positions ``idx [N, K]`` of each row."""
     N, K = idx.shape
     crow = torch.arange(0, N * K + 1, K, device=idx.device)
-    if values is None:
-        values = torch.zeros(N * K, dtype=dtype, device=idx.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(crow, idx.reshape(-1), values.reshape(-1), (N, n))
+        return torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(N * K, dtype=dtype, device=idx.device),
+                                       (N, n))
 
 
 def _sampled_dots(a: Tensor, b: Tensor, idx: Tensor) -> Tensor:
@@ -58,7 +57,7 @@ def _sampled_dots(a: Tensor, b: Tensor, idx: Tensor) -> Tensor:
         return a.new_zeros(N, K)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dots = torch.sparse.sampled_addmm(_csr_rows(idx, b.shape[0], dtype=a.dtype), a, b.t(), beta=0.0)
+        dots = torch.sparse.sampled_addmm(_csr_pattern(idx, b.shape[0], a.dtype), a, b.t(), beta=0.0)
     return dots.values().view(N, K)
 
 
