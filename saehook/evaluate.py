@@ -147,6 +147,13 @@ def position_masks(batch: dict, skip_positions: int) -> tuple[Tensor, Tensor]:
     return real & (pos >= skip_positions), real
 
 
+def add_position_ids(batch: dict, real: Tensor) -> None:
+    """With padding and no ``position_ids`` in ``batch``, add them counted from each row's first real token
+    (as ``generate`` does), so left-padded rows see the same positions as unpadded ones."""
+    if "attention_mask" in batch and "position_ids" not in batch and not bool(real.all()):
+        batch["position_ids"] = (real.long().cumsum(-1) - 1).clamp_min(0)
+
+
 def loss_mask(evaluated: Tensor, real: Tensor) -> Tensor:
     """``[B, T-1]``: the prediction at ``t`` of token ``t+1`` counts if ``t`` is evaluated and ``t+1`` real."""
     return evaluated[:, :-1] & real[:, 1:]
@@ -260,8 +267,7 @@ class _Evaluation:
     def step(self, batch: dict) -> int:
         """Evaluate one batch (already on the model's device); returns its number of evaluated positions."""
         evaluated, real = position_masks(batch, self.skip)
-        if "attention_mask" in batch and "position_ids" not in batch and not bool(real.all()):
-            batch["position_ids"] = (real.long().cumsum(-1) - 1).clamp_min(0)  # as generate does
+        add_position_ids(batch, real)
         lmask = loss_mask(evaluated, real)
         self._rows = {"evaluated": evaluated}
         with self.hooked._tapping(self._tap):

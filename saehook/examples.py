@@ -118,7 +118,7 @@ def encoded_batches(model, saes: Mapping[Key, TopKSAE], batches: Iterable[dict],
     One forward per batch, stopped after the deepest hookpoint; the codes are computed from the clean
     activations (nothing is spliced). ``evaluated`` / ``real`` are :func:`saehook.evaluate.position_masks`.
     """
-    from .evaluate import position_masks
+    from .evaluate import add_position_ids, position_masks
     from .hooks import attach
     from .training import StopForward, _model_device
 
@@ -131,15 +131,13 @@ def encoded_batches(model, saes: Mapping[Key, TopKSAE], batches: Iterable[dict],
             raise StopForward
 
     device = _model_device(hooked.model)
-    hooked._taps.append(tap)
     try:
         for batch in batches:
             batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items() if k != "labels"}
             evaluated, real = position_masks(batch, skip_positions)
-            if "attention_mask" in batch and "position_ids" not in batch and not bool(real.all()):
-                batch["position_ids"] = (real.long().cumsum(-1) - 1).clamp_min(0)
+            add_position_ids(batch, real)
             codes.clear()
-            with torch.no_grad(), contextlib.suppress(StopForward):
+            with torch.no_grad(), hooked._tapping(tap), contextlib.suppress(StopForward):
                 hooked.model(**batch)
             missing = [k for k in hooked.saes if k not in codes]
             if missing:

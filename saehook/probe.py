@@ -19,6 +19,7 @@ its autoencoders, averaged over 61 tasks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -190,7 +191,6 @@ def document_features(model, saes: Mapping[Key, TopKSAE], docs: Sequence[Sequenc
         if len(state["seen"]) == len(feats):
             raise StopForward
 
-    hooked._taps.append(tap)
     try:
         for i in range(0, len(docs), batch_size):
             chunk = [list(d) for d in docs[i:i + batch_size]]
@@ -202,10 +202,8 @@ def document_features(model, saes: Mapping[Key, TopKSAE], docs: Sequence[Sequenc
             batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
             state["keep"], _ = position_masks(batch, skip_positions)
             state["seen"] = set()
-            try:
+            with hooked._tapping(tap), contextlib.suppress(StopForward):
                 model(**batch)
-            except StopForward:
-                pass
     finally:
         hooked.detach()
     return {key: (torch.cat(lat), torch.cat(res)) for key, (lat, res) in feats.items()}
