@@ -370,3 +370,25 @@ def test_grouped_topk_values_equal_torch_topk_even_with_ties(dtype):
         assert torch.equal(v, pre.topk(32, dim=-1).values)
         assert torch.equal(pre.gather(1, i), v)  # indices point at those values
         assert (i.sort(1).values.diff(dim=1) > 0).all()  # and are distinct
+
+
+def test_training_step_never_allocates_a_dense_tokens_by_latents_tensor():
+    """The whole step (AuxK acting, bf16 matmul) allocates at most one pre-activation chunk at a time:
+    every allocation the profiler sees is at most CPU_CHUNK_BYTES, an eighth of one dense [N, n] fp32."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from saehook import SAETrainer, TrainConfig
+
+    torch.manual_seed(0)
+    N, n, d = 4096, 8192, 64
+    trainer = SAETrainer(TopKSAE(d, n, 8), TrainConfig(batch_tokens=N, matmul_dtype="bfloat16"))
+    x = torch.randn(N, d)
+    trainer.initialize(x)
+    trainer.tokens_since_fired[: n // 10] = trainer.dead_threshold  # 10% dead: AuxK runs
+    trainer.step(x)  # the first step allocates Adam's state
+    trainer.tokens_since_fired[: n // 10] = trainer.dead_threshold
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        metrics = trainer.step(x)
+    assert metrics["auxk_fvu"] > 0
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < biggest <= kernels.CPU_CHUNK_BYTES <= N * n * 4 // 8
