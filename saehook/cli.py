@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                              description="Train TopK autoencoders at one or more hookpoints from one forward pass "
                                          "per batch; checkpoints, metrics.jsonl and <hookpoint>/ dirs in --out.")
     add_train_args(p_train)
-    p_demo = sub.add_parser("demo", help="the main job on the embedded model and corpus (~10 min on 2 CPU cores)",
+    p_demo = sub.add_parser("demo", help="the main job on the embedded model and corpus (~6 min on 2 CPU cores)",
                             description="Train a layer-20 autoencoder on SmolLM2 over BBC News, save it, then read "
                                         "latents, steer generation and measure the spliced LM loss.")
     add_train_args(p_demo, demo=True)
