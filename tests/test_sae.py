@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saehook import Codes, SAEConfigError, TopKSAE, fvu, geometric_median, kernels
+from saehook import Codes, SAEConfigError, TopKSAE, cpu_kernels, fvu, geometric_median, kernels
 
 
 def dense_reference(sae: TopKSAE, x: torch.Tensor, k: int):
@@ -360,13 +360,17 @@ def test_trainer_keeps_freed_cpu_memory_unless_user_chose():
     assert run(MALLOC_ARENA_MAX="2") == ["False", "False"]
 
 
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c-kernel", "torch-grouped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_topk_values_equal_torch_topk_even_with_ties(dtype):
+def test_grouped_topk_values_equal_torch_topk_even_with_ties(dtype, c_kernels):
+    if c_kernels:
+        assert cpu_kernels.library() is not None, cpu_kernels.status()
     torch.manual_seed(5)
     for pre in (torch.randn(64, 4096, dtype=dtype), torch.randint(-20, 20, (64, 4096)).to(dtype)):  # many ties
         v = torch.empty(64, 32, dtype=dtype)
         i = torch.empty(64, 32, dtype=torch.long)
-        kernels._topk_rows(pre, 32, (v, i))
+        with cpu_kernels.enabled(c_kernels):
+            kernels._topk_rows(pre, 32, (v, i))
         assert torch.equal(v, pre.topk(32, dim=-1).values)
         assert torch.equal(pre.gather(1, i), v)  # indices point at those values
         assert (i.sort(1).values.diff(dim=1) > 0).all()  # and are distinct
