@@ -152,50 +152,63 @@ static void topk_cols(const void *x, int bf16, const int64_t *cols, int64_t n, i
 TOPK_ROW(topk_row_bf16, uint16_t, key16)
 TOPK_ROW(topk_row_f32, uint32_t, key32)
 
+/* The k-th largest of the m keys (scratch, reordered): radix select without ids. */
+static uint32_t kth_key(uint32_t *key, int64_t m, int64_t need, int bits) {
+    uint32_t prefix = 0;
+    for (int shift = bits - 8; shift >= 0; shift -= 8) {
+        int32_t hist[256] = {0};
+        for (int64_t i = 0; i < m; i++) hist[(key[i] >> shift) & 255]++;
+        int b = 255;
+        while (hist[b] < need) need -= hist[b--];
+        prefix |= (uint32_t)b << shift;
+        int64_t w = 0;
+        for (int64_t i = 0; i < m; i++) { key[w] = key[i]; w += ((key[i] >> shift) & 255) == (uint32_t)b; }
+        m = w;
+    }
+    return prefix;
+}
+
 /* Rows with n % 64 == 0 and n / 64 >= k: the same bound through two levels of strided groups, all vertical
  * (lane-wise) maxima without horizontal reductions. m1[j] = max over a < 8 of key[a G1 + j] (G1 = n / 8),
- * m2[j] = max over a < 8 of m1[a G2 + j] (G2 = n / 64); t = the k-th largest m2; then only the level-1
- * groups under an m2 >= t, and their elements, are looked at (a few hundred per row). */
-#define TOPK_STRIDED(NAME, T, KEY)                                                                      \
-    static void NAME(const T *x, int64_t n, int k, entry *h, T *m1) {                                   \
+ * m2[j] = max over a < 8 of m1[a G2 + j] (G2 = n / 64); t = the k-th largest m2 (radix select); the
+ * elements >= t, found only under the level-1 groups of the m2 >= t, are the candidates (about k to 2k of
+ * them), and a radix select over those gives the top k. Scratch: m1 (G1 Ts), G2 keys, and n candidate
+ * keys and ids (enough even when every element ties). */
+#define TOPK_STRIDED(NAME, T, KEY, BITS)                                                                \
+    static void NAME(const T *x, int64_t n, int k, entry *h, T *m1, uint32_t *tmp, uint32_t *ckey,      \
+                     int64_t *cid) {                                                                    \
         const int64_t G1 = n / 8, G2 = n / 64;                                                          \
-        T *m2 = m1 + G1;                                                                                \
         for (int64_t j = 0; j < G1; j++) m1[j] = KEY(x[j]);                                             \
         for (int a = 1; a < 8; a++) {                                                                   \
             const T *xa = x + a * G1;                                                                   \
             for (int64_t j = 0; j < G1; j++) { T kk = KEY(xa[j]); m1[j] = kk > m1[j] ? kk : m1[j]; }   \
         }                                                                                               \
-        for (int64_t j = 0; j < G2; j++) m2[j] = m1[j];                                                 \
-        for (int a = 1; a < 8; a++) {                                                                   \
-            const T *ma = m1 + a * G2;                                                                  \
-            for (int64_t j = 0; j < G2; j++) m2[j] = ma[j] > m2[j] ? ma[j] : m2[j];                     \
+        for (int64_t j = 0; j < G2; j++) {                                                              \
+            T m = m1[j];                                                                                \
+            for (int a = 1; a < 8; a++) m = m1[a * G2 + j] > m ? m1[a * G2 + j] : m;                    \
+            tmp[j] = m;                                                                                 \
         }                                                                                               \
-        for (int j = 0; j < k; j++) { h[j].key = m2[j]; h[j].idx = j; }                                 \
-        heapify(h, k);                                                                                  \
-        for (int64_t j = k; j < G2; j++)                                                                \
-            if (m2[j] > h[0].key) { h[0].key = m2[j]; h[0].idx = j; sift_down(h, k, 0); }               \
-        const uint32_t t = h[0].key;                                                                    \
-        int filled = 0;                                                                                 \
+        for (int64_t j = 0; j < G2; j++) tmp[G2 + j] = tmp[j];  /* kth_key reorders its copy */        \
+        const uint32_t t = kth_key(tmp + G2, G2, k, BITS);                                              \
+        int64_t c = 0;                                                                                  \
         for (int64_t j2 = 0; j2 < G2; j2++) {                                                           \
-            if (m2[j2] < t) continue;                                                                   \
+            if (tmp[j2] < t) continue;                                                                  \
             for (int a2 = 0; a2 < 8; a2++) {                                                            \
                 const int64_t j1 = a2 * G2 + j2;                                                        \
                 if (m1[j1] < t) continue;                                                               \
                 for (int a1 = 0; a1 < 8; a1++) {                                                        \
                     const int64_t e = a1 * G1 + j1;                                                     \
                     const uint32_t kk = KEY(x[e]);                                                      \
-                    if (kk < t) continue;                                                               \
-                    if (filled < k) {                                                                   \
-                        h[filled].key = kk; h[filled].idx = e;                                          \
-                        if (++filled == k) heapify(h, k);                                               \
-                    } else if (worse(h[0], (entry){kk, e})) { h[0].key = kk; h[0].idx = e; sift_down(h, k, 0); } \
+                    ckey[c] = kk; cid[c] = e;                                                           \
+                    c += kk >= t;                                                                       \
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
+        radix_select(ckey, cid, c, k, BITS, h);                                                         \
     }
 
-TOPK_STRIDED(topk_strided_bf16, uint16_t, key16)
-TOPK_STRIDED(topk_strided_f32, uint32_t, key32)
+TOPK_STRIDED(topk_strided_bf16, uint16_t, key16, 16)
+TOPK_STRIDED(topk_strided_f32, uint32_t, key32, 32)
 
 /* ---------------------------------------------------------------- threading */
 typedef void (*range_fn)(void *args, int64_t lo, int64_t hi);
@@ -251,22 +264,24 @@ static void topk_range(void *p, int64_t lo, int64_t hi) {
     topk_args *a = (topk_args *)p;
     entry h[HEAP_STACK + 1];  /* + 1: radix_select writes one entry past the last it keeps */
     const int strided = !a->cols && a->n % 64 == 0 && a->n / 64 >= a->k;
-    /* scratch: the two levels of group maxima (strided), the block maxima (contiguous), or the gathered
-     * keys and ids (column subset) */
-    size_t words = a->cols ? 3 * a->n : strided ? a->n / 8 + a->n / 64 : (a->n + BLOCK - 1) / BLOCK;
-    uint32_t *buf = malloc(sizeof(uint32_t) * (words + 2));
+    /* scratch, in 32-bit words: the gathered keys and 64-bit ids (column subset); m1, two copies of m2 and
+     * n candidate keys and ids (strided); the block maxima (contiguous) */
+    size_t words = a->cols ? 3 * a->n + 2 : strided ? a->n / 8 + a->n / 32 + 3 * a->n + 2 : (a->n + BLOCK - 1) / BLOCK;
+    uint32_t *buf = malloc(sizeof(uint32_t) * words);
     if (!buf) { a->failed = 1; return; }
+    uint32_t *tmp = buf + a->n / 8, *ckey = tmp + a->n / 32;
+    int64_t *cid = (int64_t *)(((uintptr_t)(ckey + a->n) + 7) & ~(uintptr_t)7);
     for (int64_t r = lo; r < hi; r++) {
         if (a->cols) {
             const char *x = (const char *)a->x + r * a->ld * (a->bf16 ? 2 : 4);
             topk_cols(x, a->bf16, a->cols, a->n, a->k, h, buf, (int64_t *)(((uintptr_t)(buf + a->n) + 7) & ~(uintptr_t)7));
         } else if (a->bf16) {
             const uint16_t *x = (const uint16_t *)a->x + r * a->ld;
-            if (strided) topk_strided_bf16(x, a->n, a->k, h, (uint16_t *)buf);
+            if (strided) topk_strided_bf16(x, a->n, a->k, h, (uint16_t *)buf, tmp, ckey, cid);
             else topk_row_bf16(x, a->n, a->k, h, buf);
         } else {
             const uint32_t *x = (const uint32_t *)a->x + r * a->ld;
-            if (strided) topk_strided_f32(x, a->n, a->k, h, buf);
+            if (strided) topk_strided_f32(x, a->n, a->k, h, buf, tmp, ckey, cid);
             else topk_row_f32(x, a->n, a->k, h, buf);
         }
         if (a->sorted) sort_desc(h, a->k);
