@@ -588,11 +588,13 @@ def memory_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def roofline_row(res: dict, n: int, tokens: int, d: int, k: int) -> dict:
+def roofline_row(res: dict, n: int, tokens: int, d: int, k: int, k_aux: int = 0) -> dict:
     """Matmul rate and the step's fraction of it, per round (same machine state), median over rounds. The
-    matmul rate of a round is the faster of the whole product and the chunked one."""
+    matmul rate of a round is the faster of the whole product and the chunked one. With AuxK acting
+    (``k_aux > 0``) ``fraction_with_auxk`` also counts its sparse work, 8 k_aux d FLOPs per token."""
     flops, mm_flops = tokens * (2 * d * n + 8 * k * d), 2 * tokens * d * n
-    row = {"n": n, "flops_per_step": flops}
+    aux_flops = tokens * 8 * k_aux * d
+    row = {"n": n, "flops_per_step": flops, "auxk_flops_per_step": aux_flops}
     for dt, impl in (("float32", "saehook-fp32"), ("bfloat16", "saehook-bf16")):
         short = "fp32" if dt == "float32" else "bf16"
         whole, chunked = res[f"matmul-{short}"]["runs_s"], res[f"matmul-{short}-chunked"]["runs_s"]
@@ -604,14 +606,17 @@ def roofline_row(res: dict, n: int, tokens: int, d: int, k: int) -> dict:
         if impl in res:
             st = res[impl]["runs_s"]
             entry.update(step_median_s=statistics.median(st), step_gflops=flops / statistics.median(st) / 1e9,
-                         fraction=statistics.median((flops / s) / (mm_flops / m) for s, m in zip(st, mm)))
+                         fraction=statistics.median((flops / s) / (mm_flops / m) for s, m in zip(st, mm)),
+                         fraction_with_auxk=statistics.median(((flops + aux_flops) / s) / (mm_flops / m)
+                                                              for s, m in zip(st, mm)))
         row[dt] = entry
     return row
 
 
 def roofline_table(roof: list[dict]) -> str:
     out = ["| dead | n | matmul dtype | encoder matmul alone (whole / chunked) | matmul rate (faster) | saehook step | "
-           "step rate (2dn+8kd) | fraction of matmul rate |", "|---|---|---|---|---|---|---|---|"]
+           "step rate (2dn+8kd) | fraction of matmul rate | counting AuxK's 8 k_aux d too |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for rr in roof:
         for dt in ("float32", "bfloat16"):
             e = rr[dt]
@@ -622,7 +627,8 @@ def roofline_table(roof: list[dict]) -> str:
                        f"{1e3 * e['matmul_chunked_median_s']:.0f} ms | "
                        f"{e['matmul_gflops']:.0f} GFLOP/s | {1e3 * e['step_median_s']:.0f} ms | "
                        f"{e['step_gflops']:.0f} GFLOP/s | "
-                       f"{100 * e['fraction']:.0f}% |")
+                       f"{100 * e['fraction']:.0f}% | "
+                       + (f"{100 * e['fraction_with_auxk']:.0f}% |" if rr.get("auxk_flops_per_step") else "— |"))
     return "\n".join(out)
 
 
@@ -770,7 +776,8 @@ def main(argv=None) -> int:
                     print(f"    {LABEL[row['impl']]}: memory not measured ({mem.get('error') or mem.get('why')})")
         rows += size_rows
         if not args.skip_roofline:
-            roof.append({**roofline_row(res["impls"], n, args.tokens, args.d, args.k), "dead_frac": dead_frac})
+            k_aux = min(args.d // 2, int(round(dead_frac * n)))  # the trainer's default k_aux = d_in // 2
+            roof.append({**roofline_row(res["impls"], n, args.tokens, args.d, args.k, k_aux), "dead_frac": dead_frac})
 
     numerics, failures = None, []
     if not args.skip_numerics:

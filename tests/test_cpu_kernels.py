@@ -88,6 +88,7 @@ def test_scatter_rows_equals_index_add_with_repeats_and_empty_latents():
     idx = torch.randint(0, n // 2, (N, K), generator=g)  # latents n/2.. get nothing; many repeats
     idx[:, 0] = 7
     w = torch.randn(N, K, generator=g)
+    w[w < -1] = 0  # ReLU'd entries: skipped, exactly
     dense = torch.randn(N, d, generator=g)
     got = cpu_kernels.scatter_rows(idx, w, n, dense)
     ref = torch.zeros(n, d, dtype=torch.float64).index_add_(

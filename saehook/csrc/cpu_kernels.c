@@ -356,7 +356,7 @@ static void scatter_range(void *p, int64_t lo, int64_t hi) {
 
 /* out[r] = sum over (i, j) with idx[i, j] == r of w[i, j] * dense[i], for r < n: the product G^T dense with
  * G [N, n] holding w at (i, idx[i, j]) (the weight gradients of the encoder and the decoder). A counting
- * sort groups the N K entries by latent (one pass, no comparison sort); each thread then owns a range of
+ * sort groups the N K entries by latent, leaving out zero weights (one pass, no comparison sort); each thread then owns a range of
  * latents with equal entry counts and sums whole rows in cache. Returns 0, -2 when out of memory, -3 when
  * an index is outside [0, n). */
 int scatter_rows_f32(const int64_t *idx, const float *w, int64_t N, int64_t K, int64_t n, const float *dense,
@@ -368,18 +368,20 @@ int scatter_rows_f32(const int64_t *idx, const float *w, int64_t N, int64_t K, i
     float *wv = malloc(sizeof(float) * (nnz + 1));
     int rc = 0;
     if (!crow || !pos || !row || !wv) { rc = -2; goto done; }
-    for (int64_t e = 0; e < nnz; e++) {
+    for (int64_t e = 0; e < nnz; e++) {  /* zero weights add nothing (ReLU'd AuxK entries): skipped */
         const int64_t r = idx[e];
         if (r < 0 || r >= n) { rc = -3; goto done; }
-        crow[r + 1]++;
+        crow[r + 1] += w[e] != 0.f;
     }
     for (int64_t r = 0; r < n; r++) crow[r + 1] += crow[r];
     memcpy(pos, crow, sizeof(int64_t) * n);
     for (int64_t i = 0; i < N; i++)
         for (int64_t j = 0; j < K; j++) {
+            const float wij = w[i * K + j];
+            if (wij == 0.f) continue;
             const int64_t p = pos[idx[i * K + j]]++;
             row[p] = (int32_t)i;
-            wv[p] = w[i * K + j];
+            wv[p] = wij;
         }
     scatter_args args = {crow, row, wv, dense, ldd, d, out};
     parallel_rows_by(scatter_range, &args, n, threads, crow);
