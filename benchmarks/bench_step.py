@@ -84,12 +84,17 @@ import torch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step.json"
 IMPLS = ["saehook-fp32", "saehook-bf16", "sparsify", "sae-lens"]
+TORCH_OPS = ["saehook-fp32-torchops", "saehook-bf16-torchops"]
+"""saehook with its C kernels off (saehook.cpu_kernels), for --impls: what the kernels are worth."""
 MATMULS = ["matmul-fp32", "matmul-fp32-chunked", "matmul-bf16", "matmul-bf16-chunked"]
 LABEL = {"saehook-fp32": "saehook (fp32 matmul)", "saehook-bf16": "saehook (bf16 matmul)",
-         "sparsify": "eai-sparsify 1.x (CPU path)", "sae-lens": "sae-lens TopK"}
+         "sparsify": "eai-sparsify 1.x (CPU path)", "sae-lens": "sae-lens TopK",
+         "saehook-fp32-torchops": "saehook (fp32 matmul, torch ops, no C kernels)",
+         "saehook-bf16-torchops": "saehook (bf16 matmul, torch ops, no C kernels)"}
 # Dense [tokens, n] fp32 tensors alive at a step's peak, a priori (used only to decide whether an
 # implementation fits in memory before the smaller size has measured it).
-DENSE_GUESS = {"saehook-fp32": 1.5, "saehook-bf16": 1.5, "sparsify": 5.0, "sae-lens": 12.0}
+DENSE_GUESS = {"saehook-fp32": 1.5, "saehook-bf16": 1.5, "sparsify": 5.0, "sae-lens": 12.0,
+               "saehook-fp32-torchops": 1.5, "saehook-bf16-torchops": 1.5}
 
 
 # ====================================================================== small utilities
@@ -202,7 +207,7 @@ def setup_saehook(impl: str, x, dead, w):
     d, n = x.shape[1], dead.numel()
     sae = TopKSAE(d, n, 32)
     sae.load_state_dict(w)
-    trainer = make_trainer(sae, "bfloat16" if impl.endswith("bf16") else "float32", batch_tokens=len(x))
+    trainer = make_trainer(sae, "bfloat16" if "bf16" in impl else "float32", batch_tokens=len(x))
     trainer.initialize(x)  # input scale + geometric-median b_dec, once, outside the timing
     counts = torch.where(dead, trainer.dead_threshold, 0).to(trainer.tokens_since_fired.dtype)
 
@@ -210,7 +215,11 @@ def setup_saehook(impl: str, x, dead, w):
         trainer.tokens_since_fired.copy_(counts)
 
     def step():
-        return trainer.step(x)["loss"]
+        if not impl.endswith("torchops"):
+            return trainer.step(x)["loss"]
+        from saehook import cpu_kernels
+        with cpu_kernels.enabled(False):
+            return trainer.step(x)["loss"]
 
     return reset, step
 
@@ -668,7 +677,9 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--dead-fracs", type=float, nargs="+", default=[0.1, 0.0],
                    help="fractions of latents in the dead mask, one set of rounds each (AuxK acts when > 0)")
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS)
+    p.add_argument("--impls", nargs="+", choices=IMPLS + TORCH_OPS, default=IMPLS,
+                   help="what to time (default: saehook and the peers); " + ", ".join(TORCH_OPS)
+                   + " run saehook with its C kernels off")
     p.add_argument("--reps", type=int, default=5, help="timed steps at n <= 16384 (median; >= 3)")
     p.add_argument("--reps-large", type=int, default=3, help="timed steps at n > 16384 (>= 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1: allocates Adam state)")

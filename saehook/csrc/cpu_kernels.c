@@ -10,8 +10,10 @@
  *   scatter_rows_f32       out[r] = sum over idx[i, j] == r of w[i, j] * dense[i]   (the weight gradients)
  *
  * Top-k compares order-preserving integer keys: for an IEEE value with bits b, key = b ^ (sign ? all ones :
- * top bit), so larger floats have larger unsigned keys (+NaN above +inf). A block of 64 keys is skipped with
- * one vectorised max unless it beats the smallest of the k kept so far.
+ * top bit), so larger floats have larger unsigned keys (+NaN above +inf, -NaN below -inf; torch.topk puts
+ * every NaN first, but the trainer never lets non-finite activations reach a step). Whole rows go through
+ * two levels of strided group maxima that bound the k-th value, then a radix select over the few
+ * candidates; column subsets (AuxK) through a radix select over the gathered keys.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -65,14 +67,11 @@ static void sort_desc(entry *h, int k) {  /* insertion sort, best first (k is sm
 }
 
 /* ---------------------------------------------------------------- per-row top-k */
-/* Contiguous rows: (1) the max key of every block of BLOCK columns, one vectorised pass; (2) t = the k-th
- * largest block max: every top-k element is >= t, since k blocks hold an element >= t; (3) offer the
- * elements >= t of the blocks whose max is >= t (about k of them) to the heap. */
 /* Column subsets (AuxK: k_aux ~ d/2 of the dead latents, often a large fraction of them): gather the keys,
  * then radix select, 8 bits at a time from the top. Each level histograms the remaining candidates' digit,
  * emits those whose digit is above the one holding the k-th key and keeps those equal to it; after the last
- * level the remaining candidates all equal the k-th key and fill the rest. O(n) per level, no data-dependent branches in the loops. `out` needs
- * k + 1 entries. */
+ * level the remaining candidates all equal the k-th key and fill the rest. O(n) per level, with no
+ * data-dependent branches in the loops. `out` needs k + 1 entries. */
 static void radix_select(uint32_t *key, int64_t *id, int64_t m, int k, int bits, entry *out) {
     int64_t filled = 0, need = k;
     for (int shift = bits - 8; shift >= 0; shift -= 8) {
@@ -113,6 +112,10 @@ static void topk_cols(const void *x, int bf16, const int64_t *cols, int64_t n, i
     radix_select(key, id, n, k, bf16 ? 16 : 32, h);
 }
 
+/* Rows of any length (the strided path below needs n % 64 == 0 and n / 64 >= k): (1) the max key of every
+ * block of BLOCK columns, one vectorised pass; (2) t = the k-th largest block max: every top-k element is
+ * >= t, since k blocks hold an element >= t; (3) the elements >= t of the blocks whose max is >= t go
+ * through a min-heap of k. */
 #define TOPK_ROW(NAME, T, KEY)                                                                          \
     static void NAME(const T *x, int64_t n, int k, entry *h, uint32_t *bmax) {                            \
         int64_t nb = (n + BLOCK - 1) / BLOCK;                                                           \
