@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from saehook import SAETrainer, TopKSAE, TrainConfig, cpu_kernels, kernels
+from saehook import TopKSAE, cpu_kernels, kernels
 
 
 @pytest.fixture(autouse=True)
