@@ -16,7 +16,9 @@ Backward, with g = dL/dvals masked by ReLU (N x K entries):
 
 The pre-activations are computed in chunks of rows (about 16 MiB each on CPU, 1 GiB on CUDA) and
 top-k'd while the chunk is still in cache: no ``[N, n]`` tensor is ever allocated, and the top-k costs
-little beyond the matmul.
+little beyond the matmul. On CPU the top-k, the sampled dot products and the scatters run in
+:mod:`saehook.cpu_kernels` (C, built on first use) when it is available, else in torch's operators;
+both give the same results.
 
 The decoder ``x_hat = sum_j vals_ij W_dec[idx_ij]`` (:class:`TopKDecode`) has the backward
 
@@ -109,7 +111,7 @@ def _topk_rows(pre: Tensor, k: int, out: tuple[Tensor, Tensor]) -> None:
     the k-th largest group maximum lies in one of the k groups with the largest maxima, and those groups
     hold at least k elements at or above it: the top-k of their ``k n / G`` candidates has exactly the
     values of the top-k of the row (ties may pick other indices). Measured 3.8 ms instead of 4.9 ms for a
-    [512, 16384] bf16 chunk; the C kernel takes 1.7 ms."""
+    [512, 16384] bf16 chunk; the C kernel takes 0.84 ms."""
     R, n = pre.shape
     if pre.device.type == "cpu" and cpu_kernels.topk(pre, k, out[0], out[1]):
         return
