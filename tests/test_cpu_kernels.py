@@ -192,3 +192,25 @@ def test_built_once_into_the_cache_then_reused(tmp_path):
     second = _python(code, SAEHOOK_CACHE=str(tmp_path))
     assert second.stdout == first.stdout and second.stdout.startswith("loaded")
     assert libs[0].stat().st_mtime_ns == mtime and list(tmp_path.iterdir()) == libs
+
+
+def test_ranks_building_at_once_share_one_library(tmp_path):
+    """torchrun on a fresh machine: every rank builds at the same moment into the same empty cache."""
+    code = "from saehook import cpu_kernels; print(cpu_kernels.status())"
+    env = {**os.environ, "SAEHOOK_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert all(o.startswith("loaded") for o, _ in outs), outs
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".so"  # one library, no temporary left behind
+
+
+def test_an_unwritable_cache_falls_back_to_torch(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    out = _python(STEP, SAEHOOK_CACHE=str(blocker / "kernels"))
+    assert out.returncode == 0, out.stderr
+    status, ok = out.stdout.splitlines()
+    assert status.startswith("build or load failed, torch operators in use") and ok == "True"
