@@ -214,3 +214,42 @@ def test_an_unwritable_cache_falls_back_to_torch(tmp_path):
     assert out.returncode == 0, out.stderr
     status, ok = out.stdout.splitlines()
     assert status.startswith("build or load failed, torch operators in use") and ok == "True"
+
+
+def _special(kind: str, R: int, n: int) -> torch.Tensor:
+    if kind == "randn":
+        return torch.randn(R, n)
+    if kind == "ints":
+        return torch.randint(-3, 3, (R, n)).float()
+    if kind == "signed_zeros":
+        return torch.where(torch.rand(R, n) < 0.5, -0.0, 0.0)
+    if kind == "inf":
+        x = torch.randn(R, n).masked_fill(torch.rand(R, n) < 0.05, float("inf"))
+        return x.masked_fill(torch.rand(R, n) < 0.05, float("-inf"))
+    return torch.full((R, n), 2.5)
+
+
+def test_topk_randomised_shapes_and_special_values():
+    """400 random cases: any n (strided and block paths), k up to 300, column subsets, ties, signed
+    zeros, infinities, constant rows; values equal torch.topk's, indices distinct and pointing at them."""
+    import random
+
+    rnd = random.Random(0)
+    torch.manual_seed(0)
+    for _ in range(400):
+        dtype = rnd.choice([torch.float32, torch.bfloat16])
+        n = rnd.choice([1, 7, 64, 65, 640, 1000, 4096, rnd.randint(1, 5000)])
+        R = rnd.randint(1, 5)
+        kind = rnd.choice(["randn", "ints", "signed_zeros", "inf", "const"])
+        x = _special(kind, R, n).to(dtype)
+        cols = torch.randperm(n)[: rnd.randint(1, n)].sort().values if rnd.random() < 0.3 else None
+        width = n if cols is None else cols.numel()
+        k = rnd.randint(1, min(width, rnd.choice([1, 4, 32, 300])))
+        v, i = torch.empty(R, k), torch.empty(R, k, dtype=torch.long)
+        assert cpu_kernels.topk(x, k, v, i, cols=cols, sorted=cols is None)
+        ref = (x if cols is None else x[:, cols]).topk(k, dim=-1).values.float()
+        got = v if cols is None else v.sort(1, descending=True).values
+        case = (dtype, n, k, R, kind, cols is not None)
+        assert torch.equal(got, ref), case
+        assert torch.equal(x.gather(1, i).float(), v), case
+        assert (i.sort(1).values.diff(dim=1) > 0).all(), case
