@@ -89,12 +89,15 @@ def _build(cc: str) -> Path:
     message when it cannot."""
     version = _run([*cc.split(), "--version"]).stdout.splitlines()[:1]
     src = SOURCE.read_bytes()
+    builds = []
     for flags in (NATIVE + FLAGS, FLAGS):
         key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), cc.encode(), str(version).encode(),
                                          platform.machine().encode(), _cpu_id().encode()])).hexdigest()[:20]
-        out = cache_dir() / f"cpu_kernels-{key}.so"
+        builds.append((flags, cache_dir() / f"cpu_kernels-{key}.so"))
+    for _, out in builds:  # a cached build of either kind: no compiler run (not even a failing -march=native)
         if out.exists():
             return out
+    for flags, out in builds:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
