@@ -31,8 +31,10 @@ class TrainConfig:
     runs; only when the run length is known)."""
     multi_topk_coef: float = 1 / 8
     """Weight of the 4k reconstruction when the autoencoder has ``multi_topk``: ``L(k) + L(4k)/8``."""
-    normalize: bool = True
-    """Estimate an input scale from the first batch so that ``E||s x||^2 = d_in``; stored in the SAE."""
+    normalize: str = "scalar"
+    """Input scale estimated from the first batches and stored in the SAE: ``"scalar"`` (one ``s`` with
+    ``E||s x||^2 = d_in``), ``"channel"`` (``s_c = 1 / std_c`` per channel, so the loss weighs every channel by
+    ``1 / var_c``) or ``"none"``. ``True`` / ``False`` (older configs) mean ``"scalar"`` / ``"none"``."""
     init_b_dec: str = "geometric_median"
     """``"geometric_median"`` (paper), ``"mean"`` or ``"none"``: how ``b_dec`` is set from the first batch."""
     init_samples: int = 32768
@@ -61,6 +63,11 @@ class TrainConfig:
     the offending rows / step and count them in the metrics)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.normalize, bool):  # older configs and checkpoints: True / False
+            object.__setattr__(self, "normalize", "scalar" if self.normalize else "none")
+        if self.normalize not in ("scalar", "channel", "none"):
+            raise ValueError(f"normalize must be 'scalar', 'channel' or 'none' (or True / False), got "
+                             f"{self.normalize!r}")
         if self.batch_tokens <= 0:
             raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):

@@ -319,9 +319,9 @@ def logit_effects(model, sae: TopKSAE, latents: Sequence[int] | Tensor, *, throu
     """``[len(latents), vocab]``: each latent's direct effect on the logits per unit of activation.
 
     ``effect_j = W_U (g * d_j)`` with ``d_j = W_dec[j] / s`` the latent's decoder direction in the hookpoint's
-    units (``W_dec[j]`` itself for autoencoders with a per-row normalisation) and ``g`` the final norm's
-    weight (``1 + weight`` for Gemma's norm; the direction is also centred first when the norm is a
-    ``LayerNorm``). ``through_norm=False`` drops ``g``.
+    units (elementwise for a per-channel ``s``; ``W_dec[j]`` itself for autoencoders with a per-row
+    normalisation) and ``g`` the final norm's weight (``1 + weight`` for Gemma's norm; the direction is also
+    centred first when the norm is a ``LayerNorm``). ``through_norm=False`` drops ``g``.
 
     This is the direct path only, and linearised: it ignores every layer between the hookpoint and the
     unembedding, and the norm's division by the token's RMS (a positive per-token factor, so the *ranking*

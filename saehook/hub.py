@@ -31,6 +31,10 @@ def _cell(value) -> str:
 def _normalisation(sae: TopKSAE) -> str:
     if getattr(sae, "normalize", None) == "layernorm":
         return "per-row layer norm (OpenAI's LN: mean 0, std 1 per row; reconstructions un-normalised)"
+    if sae.per_channel_scale:
+        s = sae.input_scale
+        return (f"per-channel input scale s [{sae.d_in}] (1 / std of each channel; s in [{float(s.min()):.4g}, "
+                f"{float(s.max()):.4g}]; applied by encode, undone by decode)")
     s = float(sae.input_scale)
     return "none" if s == 1.0 else f"scalar input scale s = {s:.6g} (applied by encode, undone by decode)"
 
@@ -79,6 +83,8 @@ def model_card(sae: TopKSAE, *, repo_id: str | None = None, hookpoint: str | Non
                    "`x_hat = (W_dec^T z + b_dec) * std(x) + mean(x)`")
     else:
         formula = "`z = ReLU(TopK(W_enc (s x - b_dec) + b_enc))`, `x_hat = (W_dec^T z + b_dec) / s`"
+        if sae.per_channel_scale:
+            formula += " (`s` per channel, elementwise)"
     where = repo_id or "path/to/this/folder"
     key = site if isinstance(site, str) and md.get("source_format") in (None, "saehook") else "model.layers.N"
     load_args = f'"{where}"' + (f', hookpoint="{hookpoint}"' if hookpoint else "")
@@ -119,7 +125,8 @@ def model_card(sae: TopKSAE, *, repo_id: str | None = None, hookpoint: str | Non
         "## Files",
         "",
         "`cfg.json` (configuration and metadata, JSON) and `sae.safetensors` (tensors `W_enc [n_latents, d_in]`, "
-        "`b_enc`, `W_dec [n_latents, d_in]`, `b_dec`, `input_scale`). Nothing is pickled.",
+        "`b_enc`, `W_dec [n_latents, d_in]`, `b_dec`, `input_scale` (a scalar, or `[d_in]` per channel)). "
+        "Nothing is pickled.",
         "",
     ]
     return "\n".join(lines)

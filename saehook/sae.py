@@ -7,12 +7,20 @@ With ``s`` the stored input scale (1 until training sets one) and ``x`` a row of
     x_hat' = W_dec^T z + b_dec                        (decoded from the k active rows only)
     x_hat  = x_hat' / s
 
+``s`` is either a scalar (``E ||s x||^2 = d_in``) or a vector ``[d_in]`` applied channel by channel
+(standardisation: ``s_c = 1 / std_c``; products and quotients above are then elementwise).
 ``b_dec`` is the paper's ``b_pre``: subtracted before encoding and added back after decoding.
-The loss is the fraction of variance unexplained (normalised MSE, no L1 term):
+The loss is the fraction of variance unexplained (normalised MSE, no L1 term), in normalised space:
 
     fvu = sum ||x' - x_hat'||^2 / sum ||x' - mean(x')||^2      (sums over the batch)
 
-which equals the same ratio in the original units because ``s`` is a scalar.
+With a scalar ``s`` this equals the same ratio in the original units. With a per-channel ``s`` it is
+
+    fvu = sum_c s_c^2 sum_i (x_ic - x_hat_ic)^2 / sum_c s_c^2 sum_i (x_ic - mean_c)^2
+
+so each channel's error is weighed by ``1 / var_c``: when the batch's variances match the estimated ones,
+``fvu = mean_c fvu_c``, the average of the per-channel FVUs, and no high-variance channel dominates the loss.
+It is no longer the FVU in the input's units, which :func:`saehook.evaluate` reports.
 """
 
 from __future__ import annotations
@@ -100,7 +108,8 @@ class TopKSAE(nn.Module):
         device: of the parameters (default CPU).
 
     Parameters: ``W_enc [n_latents, d_in]``, ``b_enc [n_latents]``, ``W_dec [n_latents, d_in]``,
-    ``b_dec [d_in]``; buffer ``input_scale`` (scalar, 1 = no normalisation).
+    ``b_dec [d_in]``; buffer ``input_scale``: a scalar (1 = no normalisation) or, after
+    ``set_input_scale_(x, mode="channel")``, a ``[d_in]`` vector of per-channel scales.
     """
 
     def __init__(
@@ -136,6 +145,11 @@ class TopKSAE(nn.Module):
                 f"(input shape {tuple(x.shape)})"
             )
 
+    @property
+    def per_channel_scale(self) -> bool:
+        """Whether ``input_scale`` is a ``[d_in]`` vector (per-channel standardisation) rather than a scalar."""
+        return self.input_scale.dim() == 1
+
     def pre_acts(self, x: Tensor) -> Tensor:
         """``W_enc (s x - b_dec) + b_enc``: the dense ``[..., n_latents]`` pre-activations."""
         self._check_width(x)
@@ -170,7 +184,8 @@ class TopKSAE(nn.Module):
     latent-space change into activation units needs that row's code (see :meth:`unscale`)."""
 
     def unscale(self, delta: Tensor, codes: Codes | None = None) -> Tensor:
-        """Turn a change made in normalised units (e.g. ``v * W_dec[j]``) into activation units: ``/ s``."""
+        """Turn a change made in normalised units (e.g. ``v * W_dec[j]``) into activation units: ``/ s``
+        (channel by channel when ``s`` is per-channel)."""
         return delta / self.input_scale
 
     def decode(self, codes: Codes) -> Tensor:
@@ -232,16 +247,51 @@ class TopKSAE(nn.Module):
         g -= (g * w).sum(dim=1, keepdim=True) * w
 
     @torch.no_grad()
-    def set_input_scale_(self, x: Tensor) -> float:
-        """Set the scalar input scale from a sample ``x [N, d_in]`` so that ``E ||s x||^2 = d_in``
-        (rows then have RMS 1 per dimension, whatever the model's residual norm). Returns ``s``."""
+    def set_input_scale_(self, x: Tensor, mode: str = "scalar") -> float | Tensor:
+        """Set the input scale from a sample ``x [N, d_in]``; returns it.
+
+        ``mode="scalar"``: one ``s`` with ``E ||s x||^2 = d_in`` (rows then have RMS 1 per dimension, whatever
+        the model's residual norm); returns a float.
+        ``mode="channel"``: ``s_c = 1 / std_c`` per channel (a ``[d_in]`` buffer, returned), so every channel of
+        ``s x`` has variance 1 and ``E ||s x - mean(s x)||^2 = d_in``; the channel means are left to ``b_dec``.
+        A channel whose std is below ``1e-4`` of the RMS std (e.g. a constant one) gets that floor instead.
+        """
+        if mode not in ("scalar", "channel"):
+            raise ValueError(f"input scale mode must be 'scalar' or 'channel', got {mode!r}")
         self._check_width(x)
-        x = x.reshape(-1, self.d_in).float()
-        s = math.sqrt(self.d_in / x.pow(2).sum(-1).mean().item())
-        if not math.isfinite(s) or s <= 0:
-            raise ValueError(f"cannot set an input scale from this sample (got scale {s})")
-        self.input_scale.fill_(s)
-        return s
+        x = x.reshape(-1, self.d_in)
+        if mode == "scalar":
+            x = x.float()
+            s = math.sqrt(self.d_in / x.pow(2).sum(-1).mean().item())
+            if not math.isfinite(s) or s <= 0:
+                raise ValueError(f"cannot set an input scale from this sample (got scale {s})")
+            self._set_scale_shape(())
+            self.input_scale.fill_(s)
+            return s
+        if len(x) < 2:
+            raise ValueError(f"a per-channel input scale needs at least 2 rows to estimate stds, got {len(x)}")
+        std = x.double().std(0, unbiased=False)
+        rms = std.pow(2).mean().sqrt()
+        if not (math.isfinite(rms.item()) and rms.item() > 0):
+            raise ValueError(f"cannot set a per-channel input scale from this sample (RMS channel std {rms.item()})")
+        self._set_scale_shape((self.d_in,))
+        self.input_scale.copy_(1.0 / std.clamp_min(1e-4 * rms))
+        return self.input_scale
+
+    def _set_scale_shape(self, shape: tuple[int, ...]) -> None:
+        # A scalar and a per-channel scale are one buffer of shape [] or [d_in]; swap it when the shape changes.
+        if tuple(self.input_scale.shape) != tuple(shape):
+            old = self.input_scale
+            self.input_scale = torch.ones(shape, dtype=old.dtype, device=old.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # Loading a per-channel scale into a scalar one (or back), e.g. on resume, takes the saved shape.
+        t = state_dict.get(prefix + "input_scale")
+        if isinstance(t, Tensor) and tuple(t.shape) in ((), (self.d_in,)):
+            self._set_scale_shape(tuple(t.shape))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @torch.no_grad()
     def init_b_dec_(self, x: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
@@ -262,7 +312,8 @@ class TopKSAE(nn.Module):
             "k": self.k,
             "multi_topk": self.multi_topk,
             "dtype": str(self.W_enc.dtype).removeprefix("torch."),
-            "input_scale": float(self.input_scale),
+            # a per-channel scale lives in sae.safetensors only; cfg.json says which kind it is
+            "input_scale": "per_channel" if self.per_channel_scale else float(self.input_scale),
             "metadata": self.metadata,
         }
 
@@ -307,6 +358,11 @@ class TopKSAE(nn.Module):
         file_dtype = getattr(torch, cfg.get("dtype", "float32"), torch.float32)
         sae = cls(cfg["d_in"], cfg["n_latents"], cfg["k"], multi_topk=cfg.get("multi_topk", False),
                   dtype=dtype or file_dtype, device="meta")
+        scale = cfg.get("input_scale")
+        if isinstance(scale, str) and scale != "per_channel":
+            raise SAEConfigError(f"{cfg_file} has input_scale {scale!r}; expected a number or 'per_channel'")
+        if scale == "per_channel":
+            sae._set_scale_shape((sae.d_in,))
         expected = {n: tuple(t.shape) for n, t in sae.state_dict().items()}
         got = {n: tuple(t.shape) for n, t in tensors.items()}
         if expected != got:
@@ -323,8 +379,11 @@ class TopKSAE(nn.Module):
 
     def extra_repr(self) -> str:
         """The sizes and input scale, shown in ``repr(sae)``."""
+        s = self.input_scale
+        scale = (f"per-channel in [{float(s.min()):.4g}, {float(s.max()):.4g}]" if self.per_channel_scale
+                 else f"{float(s):.4g}")
         return (f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}, multi_topk={self.multi_topk}, "
-                f"input_scale={float(self.input_scale):.4g}")
+                f"input_scale={scale}")
 
 
 def _atomic_write(target: Path, write) -> None:

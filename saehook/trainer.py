@@ -74,9 +74,12 @@ class SAETrainer:
             from .distributed import all_gather_rows
 
             sample = all_gather_rows(sample)
-        if self.cfg.normalize:
+        if self.cfg.normalize == "scalar":
             s = self.sae.set_input_scale_(sample)
             log.info("%s: input scale %.4g (mean row norm %.4g)", self.name, s, math.sqrt(self.sae.d_in) / s)
+        elif self.cfg.normalize == "channel":  # s_c = 1/std_c; b_dec (set below from s x) takes the channel means
+            s = self.sae.set_input_scale_(sample, mode="channel")
+            log.info("%s: per-channel input scale in [%.4g, %.4g]", self.name, float(s.min()), float(s.max()))
         if self.cfg.init_b_dec == "geometric_median":
             self.sae.init_b_dec_(sample)
         elif self.cfg.init_b_dec == "mean":

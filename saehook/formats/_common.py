@@ -99,7 +99,7 @@ def build_sae(
     k: int,
     *,
     where: str,
-    input_scale: float = 1.0,
+    input_scale: float | Tensor = 1.0,
     multi_topk: bool = False,
     layernorm: bool = False,
     dtype: torch.dtype | None = None,
@@ -107,7 +107,8 @@ def build_sae(
     metadata: dict | None = None,
 ) -> TopKSAE:
     """A :class:`TopKSAE` (``layernorm=True``: a :class:`LayerNormTopKSAE`) holding these tensors, in saehook's
-    orientation (``W_enc`` and ``W_dec`` both ``[n_latents, d_in]``). ``dtype`` defaults to ``W_dec``'s."""
+    orientation (``W_enc`` and ``W_dec`` both ``[n_latents, d_in]``). ``input_scale`` is a number or a ``[d_in]``
+    tensor of per-channel scales. ``dtype`` defaults to ``W_dec``'s."""
     from .layernorm import LayerNormTopKSAE
 
     if W_enc.dim() != 2:
@@ -122,7 +123,13 @@ def build_sae(
                           f"(expected, found) in saehook's orientation: {bad}")
     if isinstance(k, bool) or not isinstance(k, int):
         raise FormatError(f"{where}: k must be an integer, got {k!r}")
-    if not (math.isfinite(input_scale) and input_scale > 0):
+    if isinstance(input_scale, Tensor):
+        if tuple(input_scale.shape) not in ((), (d,)):
+            raise FormatError(f"{where}: the input scale has shape {tuple(input_scale.shape)}, expected a scalar "
+                              f"or [d_in] = [{d}]")
+        if not bool((torch.isfinite(input_scale) & (input_scale > 0)).all()):
+            raise FormatError(f"{where}: every input scale must be a positive finite number")
+    elif not (math.isfinite(input_scale) and input_scale > 0):
         raise FormatError(f"{where}: the input scale must be a positive finite number, got {input_scale}")
     dtype = dtype or W_dec.dtype
     if not dtype.is_floating_point:
@@ -132,27 +139,30 @@ def build_sae(
         sae = cls(d, n, k, multi_topk=multi_topk, dtype=dtype, device="meta")
     except SAEConfigError as e:
         raise FormatError(f"{where}: {e}") from None
+    if isinstance(input_scale, Tensor):
+        sae._set_scale_shape(tuple(input_scale.shape))
     sae = sae.to_empty(device=device or "cpu")
     with torch.no_grad():
         sae.W_enc.copy_(W_enc)
         sae.b_enc.copy_(b_enc)
         sae.W_dec.copy_(W_dec)
         sae.b_dec.copy_(b_dec)
-        sae.input_scale.fill_(float(input_scale))
+        sae.input_scale.copy_(torch.as_tensor(input_scale, dtype=torch.float64))
     sae.metadata = dict(metadata or {})
     return sae
 
 
 @torch.no_grad()
 def folded_weights(sae: TopKSAE) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(W_enc, b_enc, W_dec, b_dec)`` with the scalar input scale ``s`` folded in, for formats without one:
+    """``(W_enc, b_enc, W_dec, b_dec)`` with the input scale ``s`` folded in, for formats without one:
 
-        W_enc' = s W_enc,  b_enc' = b_enc,  W_dec' = W_dec / s,  b_dec' = b_dec / s
+        W_enc' = W_enc diag(s),  b_enc' = b_enc,  W_dec' = W_dec diag(1/s),  b_dec' = b_dec / s
 
     so that ``W_enc'(x - b_dec') + b_enc' = W_enc(s x - b_dec) + b_enc`` (the same latents) and
-    ``W_dec'^T z + b_dec' = (W_dec^T z + b_dec) / s`` (the same reconstruction). Computed in float64 and
-    cast back to the autoencoder's dtype, on the CPU."""
-    s = float(sae.input_scale)
+    ``W_dec'^T z + b_dec' = (W_dec^T z + b_dec) / s`` (the same reconstruction). ``s`` is a scalar or a
+    ``[d_in]`` vector (``diag(s)`` then scales each input channel, i.e. each column of ``W_enc`` and ``W_dec``).
+    Computed in float64 and cast back to the autoencoder's dtype, on the CPU."""
+    s = sae.input_scale.detach().to("cpu", torch.float64)  # [] or [d_in]: broadcasts over the d_in columns
     dt = sae.W_enc.dtype
     W_enc, b_enc, W_dec, b_dec = (t.detach().to("cpu", torch.float64) for t in (sae.W_enc, sae.b_enc, sae.W_dec,
                                                                                    sae.b_dec))

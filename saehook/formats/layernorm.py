@@ -136,8 +136,14 @@ class LayerNormTopKSAE(TopKSAE):
 
     # ------------------------------------------------------------------ training helpers
     @torch.no_grad()
-    def set_input_scale_(self, x: Tensor) -> float:
-        """No-op: layer norm already gives every row unit variance. Returns 1."""
+    def set_input_scale_(self, x: Tensor, mode: str = "scalar") -> float:
+        """No-op: layer norm already gives every row unit variance. Returns 1. ``mode="channel"`` is refused:
+        a per-channel scale cannot be combined with the per-row layer norm."""
+        if mode == "channel":
+            raise ValueError("a LayerNormTopKSAE normalises each row by its own layer norm, so it cannot also take a "
+                             "per-channel input scale; train it with normalize='scalar' (a no-op for it) or 'none'")
+        if mode != "scalar":
+            raise ValueError(f"input scale mode must be 'scalar' or 'channel', got {mode!r}")
         self._check_width(x)
         return 1.0
 

@@ -145,7 +145,8 @@ def save_saelens(sae: TopKSAE, path: str | os.PathLike, *, hook_name: str | None
     ``architecture: "topk"``, ``k`` both top-level and in ``activation_fn_kwargs``, ``apply_b_dec_to_input:
     true``. A scalar input scale s != 1 is folded into the weights exactly as SAELens's own
     ``fold_activation_norm_scaling_factor`` does (``W_enc * s``, ``W_dec / s``, ``b_dec / s``) and written as
-    ``normalize_activations: "none"``: same latents, same reconstructions. A
+    ``normalize_activations: "none"``: same latents, same reconstructions. A per-channel scale ``s [d_in]`` is
+    folded the same way, channel by channel (``W_enc diag(s)``, ``W_dec diag(1/s)``, ``b_dec / s``). A
     :class:`~saehook.formats.LayerNormTopKSAE` is written with ``normalize_activations: "layer_norm"``.
     ``hook_name`` / ``model_name`` default to the autoencoder's metadata; ``hook_layer`` to the number in a
     ``blocks.<n>.`` hook name.

@@ -92,8 +92,9 @@ def load_sparsify_dir(path: str | os.PathLike, *, device: torch.device | str | N
 def save_sparsify(sae: TopKSAE, path: str | os.PathLike) -> Path:
     """Write ``path/cfg.json`` + ``path/sae.safetensors`` in sparsify's layout (``SparseCoder.load_from_disk``).
 
-    sparsify has no input normalisation, so a scalar ``input_scale`` s != 1 is folded into the weights
-    (``encoder.weight = s W_enc``, ``W_dec / s``, ``b_dec / s``): latents and reconstructions are unchanged.
+    sparsify has no input normalisation, so an ``input_scale`` s != 1, scalar or per channel, is folded into the
+    weights (``encoder.weight = W_enc diag(s)``, ``W_dec diag(1/s)``, ``b_dec / s``; see "EleutherAI sparsify"
+    in docs/formats.md): latents and reconstructions are unchanged.
     ``normalize_decoder`` is written true only if the (folded) decoder rows have unit norm, since sparsify
     renormalises them after every training step. A layer-norm autoencoder cannot be represented: error.
     """
