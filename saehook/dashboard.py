@@ -8,7 +8,8 @@
     out/<hookpoint>/latent-<j>.html one page per shown latent: statistics, N2G explanation and its
                                     precision / recall, logit effects, top examples shaded by activation
     out/<hookpoint>/density.png     the latent-density histogram (:func:`saehook.plots.plot_density`)
-    out/summary.json                settings, timings and the explainability means per hookpoint
+    out/summary.json                settings, timings and the explainability means per hookpoint (and,
+                                    given ``evaluation=``, its reconstruction metrics)
 
 Every token string is HTML-escaped; the embedded JSON escapes ``<``, ``>`` and ``&`` so no token can
 close the script element.
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .evaluate import EvalReport
 from .examples import TopExamples, as_saes, decode_token, logit_effects, top_examples, top_tokens
 from .hookpoints import Key
 from .sae import TopKSAE
@@ -95,7 +97,7 @@ input[type=search]{font-size:1.1em;width:60%;padding:4px}
 .ex{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;margin:3px 0;line-height:1.7}
 .v{display:inline-block;width:5em;color:#666}.t{white-space:pre;border-radius:2px;margin-right:1px}
 .t.hit{outline:2px solid #c00}.muted{color:#777}.pat{font-family:ui-monospace,Menlo,Consolas,monospace}
-.cols{display:flex;gap:3em}code{background:#f3f3f3;padding:0 3px}
+.cols{display:flex;gap:3em}code{background:#f3f3f3;padding:0 3px}.warning{color:#a40}
 """
 
 SEARCH_JS = r"""
@@ -265,7 +267,7 @@ def build_dashboard(run_or_saes, out_dir: str | os.PathLike, model, tokenizer, s
                     latents: Sequence[int] | Mapping[Key, Sequence[int]] | None = None, n_examples: int = 20,
                     context: tuple[int, int] = (16, 4), n_logits: int = 10, batch_size: int = 8,
                     skip_positions: int = 1, seed: int = 0, explain_kwargs: dict | None = None,
-                    progress: bool = False) -> Path:
+                    evaluation: EvalReport | str | os.PathLike | None = None, progress: bool = False) -> Path:
     """Write a static HTML dashboard of autoencoder latents to ``out_dir``; returns ``out_dir/index.html``.
 
     Args:
@@ -282,6 +284,10 @@ def build_dashboard(run_or_saes, out_dir: str | os.PathLike, model, tokenizer, s
         context: their ``(left, right)`` tokens of context.
         n_logits: promoted / suppressed tokens listed per latent.
         explain_kwargs: passed on to :func:`saehook.explain.explain` (``fire_fraction``, ``keep_fraction``...).
+        evaluation: an :class:`~saehook.evaluate.EvalReport` of these autoencoders, or the path of its
+            ``report.json`` (``saehook eval`` writes one): the index then shows FVU, FVU on standardised
+            channels, the median relative error, the top channel's variance share, the delta LM loss beside
+            the random-error control's, and the report's warnings. Matched by hookpoint.
     """
     from .explain import explain
     from .formats._common import hookpoint_dirname
@@ -289,6 +295,8 @@ def build_dashboard(run_or_saes, out_dir: str | os.PathLike, model, tokenizer, s
 
     t_start = time.perf_counter()
     saes = load_saes(run_or_saes)
+    if evaluation is not None and not isinstance(evaluation, EvalReport):
+        evaluation = EvalReport.load(evaluation)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     score_tokens = tokens // 2 if score_tokens is None else score_tokens
@@ -357,7 +365,8 @@ def build_dashboard(run_or_saes, out_dir: str | os.PathLike, model, tokenizer, s
         dead = float((ex.density == 0).float().mean())
         summary[str(key)] = {"dir": name, "tokens": ex.n_tokens, "score_tokens": n2, "n_latents": ex.n_latents,
                              "dead_frac": dead, "shown": len(lats), "explained": len(exps),
-                             "explainability": report.summary(key) if report is not None else None}
+                             "explainability": report.summary(key) if report is not None else None,
+                             "reconstruction": _reconstruction(evaluation, model, key)}
     timings["pages_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     settings = {"tokens": tokens, "score_tokens": score_tokens, "n_examples": n_examples, "context": list(context),
@@ -366,6 +375,27 @@ def build_dashboard(run_or_saes, out_dir: str | os.PathLike, model, tokenizer, s
                                                  indent=2, default=_json_default))
     (out / "index.html").write_text(_index_page(summary, index, report), encoding="utf-8")
     return out / "index.html"
+
+
+_RECONSTRUCTION = [("fvu", "FVU"), ("fvu_standardized", "FVU standardised"), ("rel_error_median", "rel. error median"),
+                  ("top_channel_share", "top channel share"), ("delta_lm_loss", "delta LM loss"),
+                  ("random_error_delta_lm_loss", "random-error delta")]
+
+
+def _reconstruction(evaluation, model, key) -> dict | None:
+    """The ``_RECONSTRUCTION`` metrics (NaN as None) and warnings of ``key``'s hookpoint in the
+    ``EvalReport`` ``evaluation``, None when it is not there."""
+    from .hookpoints import resolve, unwrap
+
+    if evaluation is None:
+        return None
+    hp = str(resolve(unwrap(model), key))
+    finite = lambda v: v if isinstance(v, (int, float)) and math.isfinite(v) else None  # noqa: E731
+    for k, m in evaluation.items():
+        if m.get("hookpoint", str(k)) == hp:
+            out = {n: finite(m.get(n)) for n, _ in _RECONSTRUCTION}
+            return {**out, "top_channel": (m.get("top_channels") or [None])[0], "warnings": m.get("warnings", [])}
+    return None
 
 
 def _json_default(v):
@@ -385,6 +415,18 @@ def _index_page(summary: dict, index: list, report) -> str:
                     f"<td class='num'>{_num(e.get('precision'))}</td><td class='num'>{_num(e.get('recall'))}</td>"
                     f"<td class='num'>{_num(e.get('f1'))}</td></tr>")
     ff = report.settings["fire_fraction"] if report is not None else None
+    recon = {k: s["reconstruction"] for k, s in summary.items() if s.get("reconstruction")}
+    recon_html = ""
+    if recon:
+        head = "".join(f"<th>{_esc(label)}</th>" for _, label in _RECONSTRUCTION)
+        body = "".join(f"<tr><td>{_esc(k)}</td>" + "".join(f"<td class='num'>{_num(r[n], '{:.4f}')}</td>"
+                                                          for n, _ in _RECONSTRUCTION) + "</tr>"
+                       for k, r in recon.items())
+        notes = "".join(f"<p class='warning'>{_esc(k)}: {_esc(w)}</p>" for k, r in recon.items() for w in r["warnings"])
+        recon_html = (f"<h2>Reconstruction</h2><table id='reconstruction'><tr><th>hookpoint</th>{head}</tr>{body}"
+                      "</table><p class='muted'>From saehook.evaluate on held-out text. One high-variance channel can "
+                      "make FVU look good: the standardised FVU, the relative error and the delta LM loss against "
+                      "a random error of the same size cannot hide it.</p>" + notes)
     imgs = "".join(f"<figure><img src='{_esc(s['dir'])}/density.png' alt='density at {_esc(k)}'>"
                    f"<figcaption>{_esc(k)}</figcaption></figure>" for k, s in summary.items())
     body = ("<h1>saehook latent dashboard</h1>"
@@ -392,7 +434,7 @@ def _index_page(summary: dict, index: list, report) -> str:
             "<th>precision</th><th>recall</th><th>F1</th></tr>" + "".join(rows) + "</table>"
             + (f"<p class='muted'>Mean N2G precision / recall over the explained latents, on held-out text; fires = "
                f"activation &gt; {ff:g} &times; the latent's max.</p>" if ff is not None else "")
-            + f"<div class='cols'>{imgs}</div>"
+            + recon_html + f"<div class='cols'>{imgs}</div>"
             "<h2>Latents</h2><p><input id='q' type='search' placeholder='latent id (#123), token or explanation' "
             "autofocus> <span id='count' class='muted'></span></p>"
             "<table id='results'><thead><tr><th>latent</th><th>hookpoint</th><th>density</th><th>max</th>"

@@ -106,7 +106,9 @@ class SAETrainer:
 
     def step(self, acts: Tensor) -> dict[str, float]:
         """One optimizer step on ``acts [N, d_in]``; returns float metrics: ``loss``, ``fvu``, ``l0``,
-        ``dead_frac``, ``auxk_fvu``, ``multi_topk_fvu`` (when enabled), ``lr``, ``tokens``, ``step``."""
+        ``dead_frac``, ``auxk_fvu``, ``multi_topk_fvu`` (when enabled), ``lr``, ``tokens``, ``step``, and
+        ``cosine`` (mean of cos(x, x_hat)) and ``rel_error_median`` (of ||x - x_hat|| / ||x||) over this
+        process's rows (see :func:`saehook.evaluate.evaluate`)."""
         sae, cfg = self.sae, self.cfg
         acts = acts.reshape(-1, sae.d_in).to(sae.W_enc.device)
         if not self._check_finite("activations", acts):
@@ -159,7 +161,7 @@ class SAETrainer:
             self.tokens_since_fired[fired > 0] = 0
         self.step_count += 1
         self.tokens += n_rows
-        return self._metrics(out, loss, n_active / n_rows)
+        return self._metrics(out, loss, n_active / n_rows, acts)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -168,7 +170,7 @@ class SAETrainer:
         for n, p in self.sae.named_parameters():
             self.ema[n].lerp_(p, 1 - self.cfg.ema)
 
-    def _metrics(self, out, loss=None, l0: float | None = None) -> dict[str, float]:
+    def _metrics(self, out, loss=None, l0: float | None = None, acts: Tensor | None = None) -> dict[str, float]:
         m = {"step": float(self.step_count), "tokens": float(self.tokens), "lr": self.lr,
              "dead_frac": float(self.dead_mask.float().mean()), "skipped": float(self.skipped)}
         if out is not None:
@@ -177,6 +179,12 @@ class SAETrainer:
                 m["auxk_fvu"] = float(out.auxk_fvu.detach())
             if out.multi_topk_fvu is not None:
                 m["multi_topk_fvu"] = float(out.multi_topk_fvu.detach())
+        if out is not None and acts is not None:  # per token, so one dominant channel cannot hide the error
+            with torch.no_grad():  # three row norms; cos from them: (|x|^2 + |x_hat|^2 - |x - x_hat|^2) / 2|x||x_hat|
+                x, x_hat, norm = acts.float(), out.x_hat.detach().reshape(acts.shape).float(), torch.linalg.vector_norm
+                n, n_hat, e = (norm(v, dim=-1).double() for v in (x, x_hat, x - x_hat))
+                m["cosine"] = float(((n * n + n_hat * n_hat - e * e) / (2 * n * n_hat).clamp_min(1e-300)).mean())
+                m["rel_error_median"] = float((e / n).nan_to_num(nan=0.0).quantile(0.5))
         return m
 
     def ema_sae(self) -> TopKSAE:
