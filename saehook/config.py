@@ -61,6 +61,18 @@ class TrainConfig:
     nan_policy: str = "raise"
     """Non-finite activations or loss: ``"raise"`` (error naming step and hookpoint) or ``"skip"`` (drop
     the offending rows / step and count them in the metrics)."""
+    e2e_fraction: float = 0.0
+    """Fraction of the run's tokens, at its end, trained end-to-end through the live model: each step
+    splices the reconstructions in and minimises ``e2e_loss`` of the model's next-token predictions
+    (:mod:`saehook.e2e`); 0 = off, 1 = the whole run. Costs a full forward without early stop, a second
+    (clean) forward for KL, and a backward through every layer after the hookpoint."""
+    e2e_loss: str = "kl"
+    """End-to-end loss: ``"kl"``, the mean ``KL(p_clean || p_spliced)`` over the evaluated positions, or
+    ``"ce"``, the next-token cross-entropy of the spliced model."""
+    e2e_fvu_coef: float = 1.0
+    """Weight of the local FVU term (and of Multi-TopK's with it) kept next to the end-to-end loss, as Braun
+    et al.'s e2e+ds variant keeps reconstruction terms; 0 = pure KL, like sparsify's ``loss_fn="kl"``.
+    AuxK keeps ``auxk_coef``."""
 
     def __post_init__(self) -> None:
         if isinstance(self.normalize, bool):  # older configs and checkpoints: True / False
@@ -84,6 +96,12 @@ class TrainConfig:
             raise ValueError("shuffle_buffer and skip_positions must be >= 0")
         if not 0 < self.dead_fraction <= 1 or self.dead_tokens <= 0:
             raise ValueError("dead_tokens must be positive and dead_fraction in (0, 1]")
+        if not 0 <= self.e2e_fraction <= 1:
+            raise ValueError(f"e2e_fraction must be in [0, 1], got {self.e2e_fraction}")
+        if self.e2e_loss not in ("kl", "ce"):
+            raise ValueError(f"e2e_loss must be 'kl' or 'ce', got {self.e2e_loss!r}")
+        if not (self.e2e_fvu_coef >= 0 and math.isfinite(self.e2e_fvu_coef)):
+            raise ValueError(f"e2e_fvu_coef must be a finite number >= 0, got {self.e2e_fvu_coef}")
 
     def lr_for(self, n_latents: int) -> float:
         """The learning rate for ``n_latents`` latents: ``lr`` if set, else ``2e-4 / sqrt(n_latents / 2**14)``."""

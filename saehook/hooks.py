@@ -108,6 +108,7 @@ class Hooked:
         self.record = record
         self._edits: list[Edit] = []
         self._taps: list = []  # callables (key, hookpoint, x) used by training while running
+        self._replace = None  # callable (key, hookpoint, x) -> Tensor | None, see replacing()
         self._positions: Tensor | None = None
         self._handles: list = []
         self._attach()
@@ -135,6 +136,7 @@ class Hooked:
             self._handles.pop().remove()
         self._edits.clear()
         self._taps.clear()
+        self._replace = None
 
     @property
     def attached(self) -> bool:
@@ -170,7 +172,7 @@ class Hooked:
     def _process(self, hp: Hookpoint, x: Tensor) -> Tensor | None:
         key = hp.key
         edits = [e for e in self._edits if key in e.targets]
-        if not (self.record or edits or self._taps):
+        if not (self.record or edits or self._taps or self._replace):
             return None
         sae = self.saes[key]
         if x.shape[-1] != sae.d_in:
@@ -181,8 +183,14 @@ class Hooked:
             sae.to(x.device)
         for tap in self._taps:
             tap(key, hp, x)
+        replaced = self._replace(key, hp, x) if self._replace is not None else None
+        if replaced is not None:
+            if replaced.shape != x.shape:
+                raise ValueError(f"{hp}: the replacement has shape {tuple(replaced.shape)}, the activation "
+                                 f"{tuple(x.shape)}")
+            x = replaced
         if not (self.record or edits):
-            return None
+            return replaced
         xs = x.to(sae.W_enc.dtype)
         codes = None
         # adding a fixed vector needs no code (unless the normalisation is per row)
@@ -239,6 +247,23 @@ class Hooked:
                 self._taps.remove(tap)
 
     @contextlib.contextmanager
+    def replacing(self, fn) -> Iterator[Hooked]:
+        """While inside, ``fn(key, hookpoint, x)`` sees every hookpoint activation ``x`` and may return a
+        tensor of the same shape to take its place (None leaves it). Autograd is kept: under
+        ``torch.enable_grad()`` the rest of the model computes from the replacement, so a loss at the
+        logits reaches whatever produced it (end-to-end training, :func:`saehook.e2e.e2e_step`). It acts
+        after the taps and before splice / steer / ablate edits; one function at a time."""
+        if not self.attached:
+            raise RuntimeError("these autoencoders are detached; use the context inside `with attach(...)`")
+        if self._replace is not None:
+            raise RuntimeError("a replacement is already active on these hooks; nest none inside another")
+        self._replace = fn
+        try:
+            yield self
+        finally:
+            self._replace = None
+
+    @contextlib.contextmanager
     def _pushed(self, edit: Edit) -> Iterator[Hooked]:
         if not self.attached:
             raise RuntimeError("these autoencoders are detached; use the context inside `with attach(...)`")
@@ -280,7 +305,8 @@ class Hooked:
         continues from its latest checkpoint exactly. ``log_to``: ``("tensorboard", "wandb")``.
         Under ``torchrun`` / ``accelerate launch`` it runs on every rank: ``shard="data"`` (DDP, each rank
         its own slice of ``source``) or ``shard="layers"`` (each rank owns some autoencoders); see
-        :mod:`saehook.distributed`.
+        :mod:`saehook.distributed`. With ``config.e2e_fraction > 0`` the last part of the run is trained
+        end-to-end through the whole model, one step per batch (:mod:`saehook.e2e`; one process only).
         Returns a :class:`~saehook.training.TrainReport` (``report[key]``: last metrics).
         """
         from .training import train

@@ -14,19 +14,31 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .allocator import tune_cpu_allocator
 from .config import TrainConfig
-from .sae import TopKSAE
+from .sae import SAEOutput, TopKSAE
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteError(FloatingPointError):
     """NaN or inf in activations or loss, with the step and hookpoint."""
+
+
+class TrainForward(NamedTuple):
+    """The first half of a step (:meth:`SAETrainer.forward`), handed to :meth:`SAETrainer.apply`."""
+
+    acts: Tensor
+    """``[N, d_in]`` the rows trained on (non-finite rows dropped under ``nan_policy="skip"``)."""
+    out: SAEOutput
+    """The autoencoder's output on them."""
+    loss: Tensor
+    """Scalar: the autoencoder's own loss (reconstruction, AuxK, Multi-TopK)."""
 
 
 class SAETrainer:
@@ -108,13 +120,27 @@ class SAETrainer:
         """One optimizer step on ``acts [N, d_in]``; returns float metrics: ``loss``, ``fvu``, ``l0``,
         ``dead_frac``, ``auxk_fvu``, ``multi_topk_fvu`` (when enabled), ``lr``, ``tokens``, ``step``, and
         ``cosine`` (mean of cos(x, x_hat)) and ``rel_error_median`` (of ||x - x_hat|| / ||x||) over this
-        process's rows (see :func:`saehook.evaluate.evaluate`)."""
+        process's rows (see :func:`saehook.evaluate.evaluate`). It is :meth:`forward`, the backward of its
+        loss, then :meth:`apply`."""
+        fwd = self.forward(acts)
+        if fwd is None:
+            return self._metrics(None)
+        self.opt.zero_grad(set_to_none=True)
+        (fwd.loss * (self.dist.world if self.dist else 1)).backward()
+        return self.apply(fwd)
+
+    def forward(self, acts: Tensor, fvu_coef: float = 1.0) -> TrainForward | None:
+        """The first half of :meth:`step`: check ``acts [N, d_in]`` (the first call initialises the
+        autoencoder from them), run the autoencoder with AuxK on the dead latents, and return its output
+        and loss ``fvu_coef * (fvu + multi_topk_coef * fvu_4k) + auxk_coef * auxk_fvu``. None when the step
+        is skipped (non-finite rows or loss under ``nan_policy="skip"``). ``acts`` may carry autograd
+        history (end-to-end training, :mod:`saehook.e2e`); ``out.x_hat`` then depends on it."""
         sae, cfg = self.sae, self.cfg
         acts = acts.reshape(-1, sae.d_in).to(sae.W_enc.device)
         if not self._check_finite("activations", acts):
             acts = acts[torch.isfinite(acts).all(-1)]
             if len(acts) < 2:
-                return self._metrics(None)
+                return None
         if not self.initialized:
             self.initialize(acts)
         dead = self.dead_mask if cfg.auxk else None
@@ -127,15 +153,27 @@ class SAETrainer:
             if self.ddp is None:
                 self.ddp = torch.nn.parallel.DistributedDataParallel(sae, broadcast_buffers=False)
             out = self.ddp(acts, variance_fn=global_variance, **kw)
-        loss = out.fvu
+        loss = fvu_coef * out.fvu
         if out.auxk_fvu is not None:
             loss = loss + cfg.auxk_coef * out.auxk_fvu
         if out.multi_topk_fvu is not None:
-            loss = loss + cfg.multi_topk_coef * out.multi_topk_fvu
+            loss = loss + fvu_coef * cfg.multi_topk_coef * out.multi_topk_fvu
         if not self._check_finite("loss", loss.detach()):
+            return None
+        return TrainForward(acts, out, loss)
+
+    def apply(self, fwd: TrainForward, loss: Tensor | None = None) -> dict[str, float]:
+        """The second half of :meth:`step`, once a backward has put the gradients in ``.grad``: the
+        learning-rate schedule, the projection of the decoder gradient, clipping, the Adam step, decoder
+        renormalisation, EMA, dead-latent counters and the metrics. ``loss``: the loss the gradients came
+        from when it is more than ``fwd.loss`` (end-to-end training); a non-finite one skips the step (or
+        raises, per ``nan_policy``)."""
+        sae, cfg = self.sae, self.cfg
+        acts, out = fwd.acts, fwd.out
+        if loss is None:
+            loss = fwd.loss
+        elif not self._check_finite("loss", loss.detach()):
             return self._metrics(None)
-        self.opt.zero_grad(set_to_none=True)
-        (loss * (self.dist.world if self.dist else 1)).backward()
         sae.remove_parallel_decoder_grad_()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)

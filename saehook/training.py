@@ -3,7 +3,9 @@
 Activations never touch the disk: each forward's rows (BOS / first positions and padding excluded)
 go into one shuffling buffer per hookpoint, and full batches go to that hookpoint's
 :class:`~saehook.trainer.SAETrainer`. When the pass exists only to train, it stops right after the
-deepest hookpoint has been read (no later layers, no lm_head).
+deepest hookpoint has been read (no later layers, no lm_head). With ``e2e_fraction > 0`` the last
+part of the run instead takes one end-to-end step per model batch (:func:`saehook.e2e.e2e_step`: full
+forwards, no buffer); several processes refuse it for now.
 
 Run layout (``out``)::
 
@@ -129,6 +131,19 @@ def _model_device(model) -> torch.device:
     return _execution_device(model, "") or torch.device("cpu")
 
 
+def _plan_e2e_steps(session: TrainingSession, batch: dict, tokens: int, local_tokens: int) -> None:
+    """With an end-to-end phase the run's steps no longer all have ``batch_tokens`` rows: set each trainer's
+    ``total_steps`` (its learning-rate schedule) to the steps of the first ``local_tokens`` plus one step
+    per model batch for the rest, counted with this batch's evaluated rows (the same for every batch of a
+    corpus). It depends only on the batch, so a resumed run plans as the uninterrupted one did."""
+    from .evaluate import position_masks
+
+    rows = max(int(position_masks(batch, session.cfg.skip_positions)[0].sum()), 1)
+    for tr in session.trainers.values():
+        local = -(-local_tokens // tr.batch_tokens)
+        tr.total_steps = local + -(-max(tokens - local * tr.batch_tokens, 0) // rows)
+
+
 class MetricsLogger:
     """metrics.jsonl, plus TensorBoard / Weights & Biases when asked for and installed."""
 
@@ -181,6 +196,9 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
         raise FileNotFoundError(f"resume=True but there is no checkpoint in {out}/checkpoints")
     device = _model_device(hooked.model)
     dist = D.setup(device)
+    if dist is not None and cfg.e2e_fraction > 0:
+        raise ValueError(f"end-to-end training (e2e_fraction={cfg.e2e_fraction}) runs in one process for now; "
+                         "train with several ranks at e2e_fraction=0")
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
     main = rank == 0
     session = TrainingSession(hooked, cfg, total_tokens=tokens, stop_early=True, dist=dist, shard=shard)
@@ -214,8 +232,9 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
             record(key, m)
         if key == next(iter(session.trainers)):
             bar.n = min(int(m["tokens"]), tokens)
+            e2e = {cfg.e2e_loss: f"{m[cfg.e2e_loss]:.4f}"} if cfg.e2e_loss in m else {}
             bar.set_postfix(fvu=f"{m.get('fvu', float('nan')):.3f}", l0=f"{m.get('l0', 0):.1f}",
-                            dead=f"{m['dead_frac']:.2%}", refresh=False)
+                            dead=f"{m['dead_frac']:.2%}", **e2e, refresh=False)
             bar.refresh()
 
     def all_min(v: int) -> int:
@@ -226,37 +245,60 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
 
     session.on_step = on_step
     saved_bucket = all_max(session.steps) // cfg.checkpoint_every
+
+    def after_batch() -> None:  # a checkpoint whenever the step count crossed a multiple of checkpoint_every
+        nonlocal saved_bucket
+        bucket = all_max(session.steps) // cfg.checkpoint_every
+        if out is not None and bucket > saved_bucket:
+            saved_bucket = bucket
+            session.save(out, position)
+
+    # the usual way until local_tokens, then one end-to-end step per model batch (saehook.e2e)
+    local_tokens = round((1 - cfg.e2e_fraction) * tokens)
     was_recording = hooked.record
     hooked.record = False
     # data parallel: rank r reads batches r, r + world, ... of the stream; layer sharding likewise
     stream = islice(iter_batches(source, batch_size=batch_size, start=position), rank, None, world)
     try:
         with hooked._tapping(session.tap):
-            while session.tokens < tokens:
+            while session.tokens < local_tokens:
                 batch = next(stream, None)
                 if not all_min(batch is not None):  # every rank stops when one runs out
                     break
                 batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+                if cfg.e2e_fraction > 0:
+                    _plan_e2e_steps(session, batch, tokens, local_tokens)
                 session.attention_mask = batch.get("attention_mask")
                 session.seen = set()
                 with torch.no_grad(), contextlib.suppress(StopForward):
                     hooked.model(**batch)
                 position += world
                 session.drain()
-                bucket = all_max(session.steps) // cfg.checkpoint_every
-                if out is not None and bucket > saved_bucket:
-                    saved_bucket = bucket
-                    session.save(out, position)
-            for key, m in session.last.items():  # the final metrics are always logged
-                if logged.get(key) != int(m["step"]):
-                    record(key, m)
-            if session.tokens < tokens:
-                log.warning("source exhausted after %d of %d tokens", session.tokens, tokens)
-            if out is not None:
-                for key, tr in session.trainers.items():
-                    tr.sae.metadata.update(hookpoint=str(hooked.hookpoints[key]), tokens=tr.tokens, steps=tr.step_count,
-                                           model=getattr(getattr(hooked.model, "config", None), "_name_or_path", None))
-                session.save(out, position)
+                after_batch()
+        if session.tokens < tokens and cfg.e2e_fraction > 0:
+            from .e2e import e2e_step
+
+            bar.set_description(f"saehook train (end-to-end {cfg.e2e_loss})")
+            while session.tokens < tokens:
+                batch = next(stream, None)
+                if batch is None:
+                    break
+                batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+                _plan_e2e_steps(session, batch, tokens, local_tokens)
+                for key, m in e2e_step(hooked, session.trainers, batch, cfg).items():
+                    on_step(key, m)
+                position += world
+                after_batch()
+        for key, m in session.last.items():  # the final metrics are always logged
+            if logged.get(key) != int(m["step"]):
+                record(key, m)
+        if session.tokens < tokens:
+            log.warning("source exhausted after %d of %d tokens", session.tokens, tokens)
+        if out is not None:
+            for key, tr in session.trainers.items():
+                tr.sae.metadata.update(hookpoint=str(hooked.hookpoints[key]), tokens=tr.tokens, steps=tr.step_count,
+                                       model=getattr(getattr(hooked.model, "config", None), "_name_or_path", None))
+            session.save(out, position)
     finally:
         hooked.record = was_recording
         bar.close()
