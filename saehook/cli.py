@@ -41,21 +41,25 @@ def add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     p.add_argument("--k", type=int, default=32, help="active latents per token")
     p.add_argument("--tokens", type=parse_count, default=parse_count("900k" if demo else "2M"),
                    help="training tokens per hookpoint, e.g. 2M")
-    p.add_argument("--batch-tokens", type=parse_count, default=8192, help="activation rows per optimizer step")
+    p.add_argument("--batch-tokens", type=parse_count, default=None,
+                   help="activation rows per optimizer step (default: chosen from --tokens, about 500 steps, "
+                        "1024-8192)")
     p.add_argument("--context", type=int, default=128, help="tokens per window")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--corpus", default=None,
                    help="text source: a .txt file, a folder, a .jsonl, hf:<dataset> (default: embedded BBC News)")
     p.add_argument("--out", default="runs/demo" if demo else "runs/x", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="language model dtype (the autoencoders train in float32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="language model dtype; auto = bfloat16 where the device multiplies it natively (CUDA, CPUs "
+                        "with AVX512-BF16/AMX), else float32 (the autoencoders train in float32)")
     p.add_argument("--device-map", default=None, help="accelerate device map for the model, e.g. auto")
-    p.add_argument("--matmul-dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                   help="dtype of the encoder's dense matmul (weights and gradients stay float32)")
+    p.add_argument("--matmul-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="dtype of the encoder's dense matmul (weights and gradients stay float32); auto as --dtype")
     p.add_argument("--multi-topk", action="store_true", help="train with the Multi-TopK loss L(k) + L(4k)/8")
     p.add_argument("--no-auxk", action="store_true", help="disable the AuxK loss for dead latents")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4/sqrt(n/2^14))")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 4 x 2e-4/sqrt(n/2^14), warm-up, linear decay over the last 20%%)")
     p.add_argument("--shuffle-buffer", type=parse_count, default=65536, help="rows mixed across windows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=200, help="optimizer steps between checkpoints")
@@ -71,6 +75,10 @@ def run_train(args) -> dict:
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
+    from .models import auto_dtype
+
+    device = "cuda" if torch.cuda.is_available() and args.device_map else "cpu"
+    args.dtype, args.matmul_dtype = auto_dtype(args.dtype, device), auto_dtype(args.matmul_dtype, device)
     kwargs = {"dtype": _dtype(args.dtype)}
     if args.device_map:
         kwargs["device_map"] = args.device_map
@@ -89,8 +97,8 @@ def run_train(args) -> dict:
                               checkpoint_every=args.checkpoint_every, shuffle_buffer=args.shuffle_buffer,
                               matmul_dtype=args.matmul_dtype)
     print(f"training {len(saes)} autoencoder(s) at {[str(probe.resolve(model, k)) for k in saes]}: "
-          f"n_latents={args.latents}, k={args.k}, {args.tokens:,} tokens, {args.batch_tokens} per step, "
-          f"lr={cfg.lr_for(args.latents):.3g}")
+          f"n_latents={args.latents}, k={args.k}, {args.tokens:,} tokens, {cfg.batch_for(args.tokens)} per step, "
+          f"peak lr={cfg.lr_for(args.latents):.3g} ({cfg.lr_schedule})")
     with saehook.attach(model, saes) as hooked:
         report = hooked.train(corpus, tokens=args.tokens, config=cfg, out=args.out, resume=args.resume,
                               batch_size=args.batch_size, progress=not args.no_progress, log_to=args.log_to)
@@ -187,6 +195,10 @@ def run_eval(args):
         if key in saes:
             raise SystemExit(f"two --sae folders have hookpoint {key!r}")
         saes[key] = sae
+    from .models import auto_dtype
+
+    device = "cuda" if torch.cuda.is_available() and args.device_map else "cpu"
+    args.dtype, args.matmul_dtype = auto_dtype(args.dtype, device), auto_dtype(args.matmul_dtype, device)
     kwargs = {"dtype": _dtype(args.dtype)}
     if args.device_map:
         kwargs["device_map"] = args.device_map

@@ -10,10 +10,28 @@ from dataclasses import asdict, dataclass, fields
 class TrainConfig:
     """How to train a :class:`~saehook.TopKSAE` (Gao et al. 2024, section 2 and appendix A)."""
 
-    batch_tokens: int = 8192
-    """Activation rows per optimizer step (paper: 131,072; >= 8k keeps the O(n d) per-step costs small on CPU)."""
+    batch_tokens: int | None = None
+    """Activation rows per optimizer step; None = chosen from the run's length (:meth:`batch_for`): about
+    ``target_steps`` steps, a power of two in ``[1024, 8192]`` (8192 when the length is unknown). The paper
+    used 131,072 rows per step over billions of tokens; a short run needs more, smaller steps."""
     lr: float | None = None
-    """Adam learning rate; None = ``2e-4 / sqrt(n_latents / 2**14)`` (the paper's 1/sqrt(n) scaling)."""
+    """Adam learning rate; None = ``lr_scale * 2e-4 / sqrt(n_latents / 2**14)`` (the paper's 1/sqrt(n)
+    scaling, times ``lr_scale``)."""
+    lr_scale: float = 4.0
+    """Multiplier on the paper's learning-rate rule when ``lr`` is None (1.0 = the paper's rule). The paper's
+    rule was fitted to 131k-row batches trained to convergence; short runs with a decaying schedule train
+    further at a higher rate (see docs/quality.md for the measurements)."""
+    lr_schedule: str = "wsd"
+    """``"wsd"`` (linear warm-up over ``warmup_fraction``, constant, then linear decay to 0 over the last
+    ``decay_fraction`` of the run), ``"cosine"`` (warm-up, then cosine decay to 0), or ``"constant"``
+    (warm-up, then constant: the paper). Decay needs the run's length; without it the rate stays constant."""
+    warmup_fraction: float = 0.02
+    """Fraction of the run's steps over which the learning rate rises linearly from 0 (with an unknown run
+    length: of ``target_steps``)."""
+    decay_fraction: float = 0.2
+    """``"wsd"``: fraction of the run's steps at its end over which the learning rate falls linearly to 0."""
+    target_steps: int = 500
+    """Steps the automatic ``batch_tokens`` aims for (see :meth:`batch_for`)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     eps: float = 6.25e-10
@@ -80,8 +98,18 @@ class TrainConfig:
         if self.normalize not in ("scalar", "channel", "none"):
             raise ValueError(f"normalize must be 'scalar', 'channel' or 'none' (or True / False), got "
                              f"{self.normalize!r}")
-        if self.batch_tokens <= 0:
-            raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
+        if self.batch_tokens is not None and self.batch_tokens <= 0:
+            raise ValueError(f"batch_tokens must be positive or None (automatic), got {self.batch_tokens}")
+        if not (self.lr_scale > 0 and math.isfinite(self.lr_scale)):
+            raise ValueError(f"lr_scale must be a positive number, got {self.lr_scale}")
+        if self.lr_schedule not in ("wsd", "cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'wsd', 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if not (0 <= self.warmup_fraction < 1 and 0 <= self.decay_fraction <= 1
+                and self.warmup_fraction + self.decay_fraction <= 1):
+            raise ValueError(f"warmup_fraction ({self.warmup_fraction}) and decay_fraction ({self.decay_fraction}) "
+                             "must be in [0, 1] and sum to at most 1")
+        if self.target_steps <= 0:
+            raise ValueError(f"target_steps must be positive, got {self.target_steps}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.init_b_dec not in ("geometric_median", "mean", "none"):
@@ -104,8 +132,39 @@ class TrainConfig:
             raise ValueError(f"e2e_fvu_coef must be a finite number >= 0, got {self.e2e_fvu_coef}")
 
     def lr_for(self, n_latents: int) -> float:
-        """The learning rate for ``n_latents`` latents: ``lr`` if set, else ``2e-4 / sqrt(n_latents / 2**14)``."""
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
+        """The peak learning rate for ``n_latents`` latents: ``lr`` if set, else
+        ``lr_scale * 2e-4 / sqrt(n_latents / 2**14)``."""
+        return self.lr if self.lr is not None else self.lr_scale * 2e-4 / math.sqrt(n_latents / 2**14)
+
+    def batch_for(self, total_tokens: int | None) -> int:
+        """Rows per step: ``batch_tokens`` if set; else the power of two nearest ``total_tokens /
+        target_steps``, clamped to ``[1024, 8192]`` (8192 when ``total_tokens`` is None). E.g. 1M tokens ->
+        2048 rows per step (488 steps), 4M -> 8192, 250k -> 1024."""
+        if self.batch_tokens is not None:
+            return self.batch_tokens
+        if not total_tokens:
+            return 8192
+        return int(min(8192, max(1024, 2 ** round(math.log2(max(total_tokens / self.target_steps, 1))))))
+
+    def lr_factor(self, step: int, total_steps: int | None) -> float:
+        """Multiplier of the peak learning rate at optimizer step ``step`` (0-based) of ``total_steps``.
+
+        Warm-up ``w = warmup_fraction * total_steps`` steps: ``(step + 1) / w``. Then ``"constant"``: 1;
+        ``"wsd"``: 1 until the last ``decay_fraction * total_steps`` steps, then linear to 0 at the end;
+        ``"cosine"``: ``(1 + cos(pi t)) / 2`` with ``t`` the fraction of the post-warm-up steps done.
+        """
+        span = total_steps if total_steps else self.target_steps
+        warm = self.warmup_fraction * span
+        if step < warm:
+            return (step + 1) / warm
+        if not total_steps or self.lr_schedule == "constant":
+            return 1.0
+        if self.lr_schedule == "cosine":
+            t = min(1.0, (step - warm) / max(total_steps - warm, 1))
+            return 0.5 * (1 + math.cos(math.pi * t))
+        decay = self.decay_fraction * total_steps
+        left = total_steps - step  # steps still to take, this one included
+        return 1.0 if left > decay else max(left / max(decay, 1), 0.0)
 
     def to_dict(self) -> dict:
         """Every field as a JSON-serialisable dict (the inverse of :meth:`from_dict`)."""

@@ -57,9 +57,10 @@ class TrainingSession:
         world, rank = (dist.world, dist.rank) if dist else (1, 0)
         self.owner = {key: (i % world if shard == "layers" else rank) for i, key in enumerate(hooked.saes)}
         self.names = {key: hookpoint_dirname(hp) for key, hp in hooked.hookpoints.items()}
-        per_rank = config.batch_tokens // world if dist and shard == "data" else config.batch_tokens
+        batch = config.batch_for(total_tokens)
+        per_rank = batch // world if dist and shard == "data" else batch
         if per_rank < 1:
-            raise ValueError(f"batch_tokens={config.batch_tokens} is smaller than the {world} ranks")
+            raise ValueError(f"batch_tokens={batch} is smaller than the {world} ranks")
         self.trainers: dict = {}
         self.buffers: dict = {}
         for i, (key, sae) in enumerate(hooked.saes.items()):

@@ -57,7 +57,12 @@ class SAETrainer:
         self.dist = dist  # a saehook.distributed.Dist for data-parallel training, else None
         self.ddp = None
         cfg = self.cfg
-        self.lr = cfg.lr_for(sae.n_latents)
+        self.peak_lr = cfg.lr_for(sae.n_latents)
+        self.batch_tokens = cfg.batch_for(total_tokens)
+        """Rows per optimizer step (all ranks together): ``config.batch_for(total_tokens)``."""
+        self.total_steps = -(-total_tokens // self.batch_tokens) if total_tokens else None
+        """Steps of the whole run (for the learning-rate schedule), None when its length is unknown."""
+        self.lr = self.peak_lr * cfg.lr_factor(0, self.total_steps)
         if sae.W_enc.device.type == "cpu":
             tune_cpu_allocator()  # reuse freed blocks instead of page-faulting them in every step
         # torch's fused Adam (one pass over each parameter instead of ~8) exists for CPU and CUDA floats.
@@ -66,7 +71,7 @@ class SAETrainer:
         self.dead_threshold = cfg.dead_tokens
         if total_tokens:
             # never before a latent had one full batch to fire in
-            self.dead_threshold = max(cfg.batch_tokens, min(cfg.dead_tokens, int(cfg.dead_fraction * total_tokens)))
+            self.dead_threshold = max(self.batch_tokens, min(cfg.dead_tokens, int(cfg.dead_fraction * total_tokens)))
         self.k_aux = min(cfg.k_aux or sae.d_in // 2, sae.n_latents)
         dev = sae.W_enc.device
         self.tokens_since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=dev)
@@ -174,6 +179,9 @@ class SAETrainer:
             loss = fwd.loss
         elif not self._check_finite("loss", loss.detach()):
             return self._metrics(None)
+        self.lr = self.peak_lr * cfg.lr_factor(self.step_count, self.total_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
         sae.remove_parallel_decoder_grad_()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)

@@ -45,7 +45,7 @@ def test_recipes_run(tmp_path):
     assert "layer  4" in out and "layer 10" in out
     out = run("train_while_generating.py", "--rounds", "2", "--new-tokens", "8", "--latents", "256")
     assert "[1] steps" in out
-    out = run("scaling_sweep.py", "--tokens", "4096", "--eval-tokens", "1024", "--batch-tokens", "512",
+    out = run("scaling_sweep.py", "--base-tokens", "4096", "--eval-tokens", "1024", "--batch-tokens", "512",
               "--latents", "256", "512", "--ks", "8", "16", "--out", str(tmp_path / "sweep"))
     res = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert len(res["results"]) == 4 and all(0 < r["fvu"] < 2 for r in res["results"])

@@ -41,7 +41,7 @@ def test_planted_feature_recovery_with_defaults():
     mean_max_cos = (dirs @ sae.W_dec.T).max(1).values.mean()
     assert start < 0.5
     assert mean_max_cos > 0.9, float(mean_max_cos)
-    assert m["fvu"] < 0.1 and m["l0"] == 8.0
+    assert m["fvu"] < 0.1 and m["l0"] > 7.99  # a rare selected latent can be ReLU'd to 0
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256))  # unit-norm decoder kept
 
 
@@ -53,7 +53,9 @@ def test_first_step_sets_scale_and_geometric_median():
     tr.step(x)
     s = float(sae.input_scale)
     assert abs((x * s).pow(2).sum(-1).mean().item() - 16) < 1e-2
-    assert tr.lr == pytest.approx(2e-4 / (64 / 2**14) ** 0.5)
+    # peak: lr_scale (4) x the paper's 2e-4 / sqrt(n / 2^14); the first step is 1/10 of the way up the warm-up
+    assert tr.peak_lr == pytest.approx(4 * 2e-4 / (64 / 2**14) ** 0.5)
+    assert tr.lr == pytest.approx(tr.peak_lr / (0.02 * 500))
     assert tr.opt.defaults["eps"] == 6.25e-10 and tr.opt.defaults["betas"] == (0.9, 0.999)
     # b_dec started at the geometric median (near 7*s per coordinate), then took one Adam step
     assert (sae.b_dec - 7.0 * s).abs().max() < 0.1
@@ -291,3 +293,65 @@ def islice_(it, n):
     from itertools import islice
 
     return islice(it, n)
+
+
+def test_lr_schedule_and_budget_aware_batch():
+    cfg = TrainConfig()  # wsd: 2% warm-up, flat, linear decay to 0 over the last 20%
+    f = [cfg.lr_factor(s, 100) for s in range(100)]
+    assert f[0] == pytest.approx(0.5) and f[1] == 1.0  # warm-up over 2 steps
+    assert f[79] == 1.0 and f[80] == pytest.approx(20 / 20) and f[90] == pytest.approx(10 / 20)
+    assert f[99] == pytest.approx(1 / 20) and all(a >= b for a, b in zip(f[2:], f[3:]))
+    cos = TrainConfig(lr_schedule="cosine", warmup_fraction=0.0)
+    assert cos.lr_factor(0, 100) == 1.0 and cos.lr_factor(50, 100) == pytest.approx(0.5)
+    assert TrainConfig(lr_schedule="constant").lr_factor(99, 100) == 1.0
+    assert cfg.lr_factor(10_000, None) == 1.0  # unknown length: no decay
+    # ~500 steps, a power of two in [1024, 8192]
+    assert [cfg.batch_for(t) for t in (None, 100_000, 250_000, 1_000_000, 4_000_000, 10**9)] == \
+        [8192, 1024, 512 * 2, 2048, 8192, 8192]
+    assert TrainConfig(batch_tokens=300).batch_for(10**6) == 300
+    tr = SAETrainer(TopKSAE(16, 64, 4), TrainConfig(warmup_fraction=0.0), total_tokens=10_000)
+    assert tr.batch_tokens == 1024 and tr.total_steps == 10
+    lrs = []
+    for _ in range(10):
+        tr.step(torch.randn(1024, 16))
+        lrs.append(tr.opt.param_groups[0]["lr"])
+    assert lrs[:8] == [tr.peak_lr] * 8 and lrs[8] == pytest.approx(tr.peak_lr * 2 / 2)
+    assert lrs[9] == pytest.approx(tr.peak_lr / 2)
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        TrainConfig(lr_schedule="linear")
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        TrainConfig(warmup_fraction=0.5, decay_fraction=0.6)
+    with pytest.raises(ValueError, match="lr_scale must be"):
+        TrainConfig(lr_scale=0)
+
+
+@pytest.mark.parametrize("kw", [dict(lr_schedule="cosine", warmup_fraction=0.1),
+                                dict(batch_tokens=None, lr_scale=2.0, decay_fraction=0.5, checkpoint_every=2)])
+def test_new_options_round_trip_through_checkpoint_and_resume(tmp_path, kw):
+    def run(out, src, resume=False):
+        torch.manual_seed(0)
+        sae = TopKSAE(32, 128, 4)
+        with saehook.attach(tiny_model("llama"), {1: sae}) as hooked:
+            hooked.train(src, tokens=8000, config=small_cfg(**{"checkpoint_every": 7, **kw}), out=out,
+                         resume=resume, progress=False)
+        return sae
+
+    full = run(tmp_path / "a", source(60))
+    saved = json.loads((tmp_path / "a" / "train_config.json").read_text())
+    assert TrainConfig.from_dict({k: v for k, v in saved.items() if k not in ("tokens", "world", "shard")}) == \
+        small_cfg(**{"checkpoint_every": 7, **kw})
+
+    class Interrupt(Exception):
+        pass
+
+    def dying(n):
+        for i, b in enumerate(source(60)):
+            if i == n:
+                raise Interrupt
+            yield b
+
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b", dying(17))
+    resumed = run(tmp_path / "b", source(60), resume=True)
+    for (n, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)

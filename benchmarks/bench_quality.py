@@ -1,0 +1,266 @@
+"""Equal-budget quality: what an autoencoder does to the model, saehook's levers and sparsify side by side.
+
+Question (issue 14): at the same budget (same layer, same token windows, same number of training rows,
+same n_latents and k), how much does splicing each autoencoder in change the model's predictions? Every
+arm is measured by the same evaluator, :func:`saehook.evaluate`, on the same held-out windows of the
+corpus's test split: nMSE (FVU), FVU on standardised channels, cosine, per-token relative error, L0,
+dead fraction, delta LM loss and KL, and the control (delta LM loss of a random error of the same norm).
+
+Setup. The embedded SmolLM2-135M-Instruct (``--dtype``, float32 by default), the embedded BBC News
+corpus, windows of 128 tokens, first position excluded. The layer's output on the first ``--cache-rows``
+rows of the training split is computed once and cached (``runs/quality/cache``, safetensors); each
+saehook arm trains with :class:`saehook.SAETrainer` on ``--tokens`` rows drawn from that cache, one fresh
+permutation per pass (a budget above the cache repeats rows, as ``hooked.train`` repeats the corpus).
+sparsify (``--peers``) trains with its own ``Trainer`` and defaults on the same rows in the same order
+(``benchmarks/quality_sparsify.py``, in the benchmark-only ``.venv-bench``); its autoencoder is read back
+by saehook's sparsify reader and evaluated here.
+
+    python benchmarks/bench_quality.py                              # default vs paper-rule, 1M tokens
+    python benchmarks/bench_quality.py --variants default paper paper+wsd paper-lr4x --tokens 1M
+    python benchmarks/bench_quality.py --peers                      # + sparsify's Trainer (.venv-bench)
+    python benchmarks/bench_quality.py --tokens 250k 4M --variants default paper
+
+Results: the table on stdout and ``benchmarks/results/quality.json`` (one record per arm and budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import saehook  # noqa: E402
+from saehook.cli import parse_count  # noqa: E402
+
+CACHE = ROOT / "runs" / "quality" / "cache"
+RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
+BENCH_VENV = ROOT / ".venv-bench"
+
+# Each lever alone, as TrainConfig keyword arguments on top of the defaults ("default" = TrainConfig()).
+PAPER = dict(batch_tokens=8192, lr_schedule="constant", warmup_fraction=0.0, lr_scale=1.0)
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "paper": PAPER,  # the paper's rule as saehook shipped it before issue 14
+    "paper+wsd": {**PAPER, "lr_schedule": "wsd", "warmup_fraction": 0.02},
+    "paper-lr4x": {**PAPER, "lr_scale": 4.0},
+    "paper-lr4x+wsd": {**PAPER, "lr_scale": 4.0, "lr_schedule": "wsd", "warmup_fraction": 0.02},
+    "batch2k-lr4x": {**PAPER, "batch_tokens": 2048, "lr_scale": 4.0},
+    "batch2k-lr4x+wsd": {**PAPER, "batch_tokens": 2048, "lr_scale": 4.0, "lr_schedule": "wsd",
+                         "warmup_fraction": 0.02},
+    "batch2k-lr8x+wsd": {**PAPER, "batch_tokens": 2048, "lr_scale": 8.0, "lr_schedule": "wsd",
+                         "warmup_fraction": 0.02},
+    "batch1k-lr4x+wsd": {**PAPER, "batch_tokens": 1024, "lr_scale": 4.0, "lr_schedule": "wsd",
+                         "warmup_fraction": 0.02},
+    "cosine": {"lr_schedule": "cosine"},
+    "constant": {"lr_schedule": "constant"},
+    "no-auxk": {"auxk": False},
+    "normalize-channel": {"normalize": "channel"},
+    "normalize-none": {"normalize": "none"},
+    "adam-b2-0.99": {"betas": (0.9, 0.99)},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench_quality {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_everything(args):
+    model, tok = saehook.load_model(dtype=getattr(torch, args.dtype))
+    model.eval()
+    corpus = saehook.Corpus.from_source(None, tok, context=args.context)
+    return model, tok, corpus
+
+
+def cache_path(model, layer: int, context: int, limit: int) -> Path:
+    return CACHE / f"smollm2-{str(model.dtype).removeprefix('torch.')}-L{layer}-ctx{context}-{limit}.safetensors"
+
+
+def cached_rows(model, corpus, layer: int, context: int, limit: int) -> torch.Tensor:
+    """``[rows, d]`` bf16: layer ``layer``'s output on every training window (first position excluded),
+    in the corpus's window order; computed once and cached as safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache_path(model, layer, context, limit)
+    if path.is_file():
+        return load_file(path)["rows"]
+    log(f"caching layer {layer} activations of every training window to {path} (one truncated pass)")
+    from saehook.training import collect_activations
+
+    t0 = time.perf_counter()
+    d = model.config.hidden_size
+    with saehook.attach(model, {layer: saehook.TopKSAE(d, 8, 1)}, record=False) as hooked:
+        windows = list(corpus.windows("train", batch_size=16))  # one pass, no repetition
+        rows = collect_activations(hooked, windows, limit, batch_size=16)[layer]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"rows": rows.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    log(f"cached {len(rows):,} rows in {time.perf_counter() - t0:.0f}s")
+    return rows
+
+
+def row_batches(rows: torch.Tensor, tokens: int, batch_tokens: int, seed: int = 0):
+    """Batches of ``batch_tokens`` float32 rows, ``tokens`` in all, one fresh permutation per pass."""
+    done, epoch = 0, 0
+    while done < tokens:
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + epoch))
+        for i in range(0, len(perm) - batch_tokens + 1, batch_tokens):
+            if done >= tokens:
+                return
+            yield rows[perm[i: i + batch_tokens]].float()
+            done += batch_tokens
+        epoch += 1
+
+
+def eval_windows(corpus, n_windows: int) -> list[torch.Tensor]:
+    """The first ``n_windows`` held-out windows, in batches of 8 (the same for every arm)."""
+    out, n = [], 0
+    for ids in corpus.windows("test", batch_size=8):
+        out.append(ids)
+        n += len(ids)
+        if n >= n_windows:
+            break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- arms
+def train_saehook(rows, d, n, k, tokens, overrides: dict, seed: int = 0, matmul_dtype: str = "float32"):
+    cfg = saehook.TrainConfig(**{"matmul_dtype": matmul_dtype, **overrides})
+    torch.manual_seed(seed)
+    sae = saehook.TopKSAE(d, n, k)
+    trainer = saehook.SAETrainer(sae, cfg, total_tokens=tokens)
+    t0 = time.perf_counter()
+    m = {}
+    for batch in row_batches(rows, tokens, trainer.batch_tokens, seed):
+        m = trainer.step(batch)
+    secs = time.perf_counter() - t0
+    return trainer.ema_sae(), {"train_s": secs, "steps": trainer.step_count, "batch_tokens": trainer.batch_tokens,
+                               "lr": trainer.lr, "train_dead_frac": m.get("dead_frac"), "config": cfg.to_dict()}
+
+
+def train_sparsify(args, tokens: int) -> Path:
+    """Train sparsify with its own Trainer and defaults on the cached rows, in .venv-bench."""
+    py = BENCH_VENV / "bin" / "python"
+    if not py.exists():
+        raise SystemExit(f"--peers needs {BENCH_VENV} with eai-sparsify (see docs/performance.md)")
+    out = ROOT / "runs" / "quality" / f"sparsify-L{args.layer}-n{args.latents}-k{args.k}-{tokens}"
+    cmd = [str(py), str(ROOT / "benchmarks" / "quality_sparsify.py"), "--cache", str(args.cache_path),
+           "--tokens", str(tokens), "--latents", str(args.latents), "--k", str(args.k), "--layer", str(args.layer),
+           "--seq", str(args.context - 1), "--seed", str(args.seed), "--out", str(out)]
+    log("sparsify: " + " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def evaluate_arm(model, sae, layer, windows, n_windows: int, context: int, control: bool = True) -> dict:
+    rep = saehook.evaluate(model, {layer: sae}, windows, tokens=n_windows * (context - 1), batch_size=8,
+                           ablations=False, control=control)
+    m = rep[layer]
+    keep = ("fvu", "fvu_standardized", "fvu_excl_top", "cosine", "rel_error_median", "rel_error_p90", "l0",
+            "dead_frac", "delta_lm_loss", "kl", "random_error_delta_lm_loss", "error_vs_random", "top_channel_share",
+            "tokens", "clean_loss")
+    return {key: m[key] for key in keep if key in m}
+
+
+COLS = [("arm", "{}"), ("tokens", "{}"), ("batch", "{}"), ("steps", "{}"), ("fvu", "{:.4f}"),
+        ("fvu_std", "{:.3f}"), ("cos", "{:.3f}"), ("relerr_med", "{:.3f}"), ("dead", "{:.1%}"),
+        ("delta_lm", "{:.3f}"), ("kl", "{:.3f}"), ("ctrl_delta", "{:.3f}"), ("train_s", "{:.0f}")]
+
+
+def row_of(r: dict) -> list[str]:
+    v = {"arm": r["arm"], "tokens": f"{r['budget']:,}", "batch": r.get("batch_tokens", "-"),
+         "steps": r.get("steps", "-"), "fvu": r["fvu"], "fvu_std": r.get("fvu_standardized", float("nan")),
+         "cos": r.get("cosine", float("nan")), "relerr_med": r.get("rel_error_median", float("nan")),
+         "dead": r["dead_frac"], "delta_lm": r["delta_lm_loss"], "kl": r["kl"],
+         "ctrl_delta": r.get("random_error_delta_lm_loss", float("nan")), "train_s": r.get("train_s", float("nan"))}
+    return [f.format(v[c]) if not isinstance(v[c], str) else v[c] for c, f in COLS]
+
+
+def table(records: list[dict]) -> str:
+    head = "| " + " | ".join(c for c, _ in COLS) + " |"
+    sep = "|" + "---|" * len(COLS)
+    return "\n".join([head, sep] + ["| " + " | ".join(row_of(r)) + " |" for r in records])
+
+
+def save(out: Path, records: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"records": records}, indent=2, default=str))
+    os.replace(tmp, out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layer", type=int, default=20)
+    p.add_argument("--latents", type=parse_count, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--tokens", type=parse_count, nargs="+", default=[parse_count("1M")],
+                   help="training rows per autoencoder (budgets)")
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--cache-rows", type=parse_count, default=parse_count("512k"),
+                   help="distinct training rows cached (the first windows of the training split); budgets above "
+                        "this repeat them in fresh permutations")
+    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows (test split) evaluated")
+    p.add_argument("--variants", nargs="+", default=["default", "paper"], choices=sorted(VARIANTS))
+    p.add_argument("--control-arms", nargs="*", default=["default", "paper", "sparsify"],
+                   help="arms whose evaluation includes the random-error control (one more forward per batch)")
+    p.add_argument("--peers", action="store_true", help="also sparsify's Trainer with its defaults (.venv-bench)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="language model dtype (bfloat16 only where the CPU has native bf16 matmuls)")
+    p.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the autoencoder's encoder matmul dtype")
+    p.add_argument("--collect-only", action="store_true", help="build the activation cache and stop")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, tok, corpus = load_everything(args)
+    rows = cached_rows(model, corpus, args.layer, args.context, args.cache_rows)
+    args.cache_path = cache_path(model, args.layer, args.context, args.cache_rows)
+    if args.collect_only:
+        return
+    d = rows.shape[1]
+    windows = eval_windows(corpus, args.eval_windows)
+    log(f"{len(rows):,} cached rows, {args.eval_windows} held-out windows; load {os.getloadavg()}")
+    out = Path(args.out)
+    records = json.loads(out.read_text())["records"] if out.is_file() else []  # appended to, never replaced
+    first = len(records)
+    for tokens in args.tokens:
+        for name in args.variants:
+            sae, info = train_saehook(rows, d, args.latents, args.k, tokens, VARIANTS[name], args.seed,
+                                      args.matmul_dtype)
+            r = {"arm": f"saehook {name}", "budget": tokens, "layer": args.layer, "n_latents": args.latents,
+                 "k": args.k, **info, **evaluate_arm(model, sae, args.layer, windows, args.eval_windows, args.context,
+                                 name in args.control_arms),
+                 "load": os.getloadavg()[0]}
+            records.append(r)
+            log(table([r]).splitlines()[-1])
+            save(out, records)
+        if args.peers:
+            folder = train_sparsify(args, tokens)
+            info = json.loads((folder / "bench_info.json").read_text())
+            sae = saehook.load(info["sparsify_folder"])
+            r = {"arm": "sparsify (Trainer, defaults)", "budget": tokens, "layer": args.layer,
+                 "n_latents": args.latents, "k": args.k, **info,
+                 **evaluate_arm(model, sae, args.layer, windows, args.eval_windows, args.context,
+                                 "sparsify" in args.control_arms),
+                 "load": os.getloadavg()[0]}
+            records.append(r)
+            log(table([r]).splitlines()[-1])
+        save(out, records)
+    print(table(records[first:]))
+
+
+if __name__ == "__main__":
+    main()
