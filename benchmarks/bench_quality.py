@@ -66,6 +66,15 @@ VARIANTS: dict[str, dict] = {
     "normalize-channel": {"normalize": "channel"},
     "normalize-none": {"normalize": "none"},
     "adam-b2-0.99": {"betas": (0.9, 0.99)},
+    "warmup5%": {"warmup_fraction": 0.05},
+    "decay40%": {"decay_fraction": 0.4},
+    "lr8x": {"lr_scale": 8.0},
+    "lr2x": {"lr_scale": 2.0},
+    "batch1k": {"batch_tokens": 1024},
+    "batch4k": {"batch_tokens": 4096},
+    "auxk-coef-1/8": {"auxk_coef": 1 / 8},
+    "e2e-kl-2%": {"e2e_fraction": 0.02},
+    "e2e-kl-2%-pure": {"e2e_fraction": 0.02, "e2e_fvu_coef": 0.0},
 }
 
 
@@ -111,6 +120,9 @@ def cached_rows(model, corpus, layer: int, context: int, limit: int) -> torch.Te
 
 def row_batches(rows: torch.Tensor, tokens: int, batch_tokens: int, seed: int = 0):
     """Batches of ``batch_tokens`` float32 rows, ``tokens`` in all, one fresh permutation per pass."""
+    if batch_tokens > len(rows):
+        raise SystemExit(f"a batch of {batch_tokens} rows needs at least that many cached rows (--cache-rows), "
+                         f"have {len(rows)}")
     done, epoch = 0, 0
     while done < tokens:
         perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + epoch))
@@ -134,15 +146,33 @@ def eval_windows(corpus, n_windows: int) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- arms
-def train_saehook(rows, d, n, k, tokens, overrides: dict, seed: int = 0, matmul_dtype: str = "float32"):
+def train_saehook(rows, d, n, k, tokens, overrides: dict, seed: int = 0, matmul_dtype: str = "float32",
+                  live=None):
+    """One saehook arm. With ``e2e_fraction`` > 0 the last part of the budget trains end-to-end through the
+    live model (``live = (model, corpus, layer, first_window)``) on training windows after the cached ones,
+    one step per batch of 8 windows, as ``hooked.train`` does."""
     cfg = saehook.TrainConfig(**{"matmul_dtype": matmul_dtype, **overrides})
     torch.manual_seed(seed)
     sae = saehook.TopKSAE(d, n, k)
     trainer = saehook.SAETrainer(sae, cfg, total_tokens=tokens)
+    local = round((1 - cfg.e2e_fraction) * tokens)
     t0 = time.perf_counter()
     m = {}
-    for batch in row_batches(rows, tokens, trainer.batch_tokens, seed):
+    if cfg.e2e_fraction > 0:
+        model, corpus, layer, first = live
+        per_batch = 8 * (corpus.context - cfg.skip_positions)
+        n_local = -(-local // trainer.batch_tokens)
+        trainer.total_steps = n_local + -(-(tokens - n_local * trainer.batch_tokens) // per_batch)
+    for batch in row_batches(rows, local, trainer.batch_tokens, seed):
         m = trainer.step(batch)
+    if cfg.e2e_fraction > 0:
+        from saehook.e2e import e2e_step
+
+        with saehook.attach(model, {layer: sae}, record=False) as hooked:
+            for ids in corpus.windows("train", batch_size=8, start=first // 8):
+                if trainer.tokens >= tokens:
+                    break
+                m = e2e_step(hooked, {layer: trainer}, {"input_ids": ids}, cfg)[layer]
     secs = time.perf_counter() - t0
     return trainer.ema_sae(), {"train_s": secs, "steps": trainer.step_count, "batch_tokens": trainer.batch_tokens,
                                "lr": trainer.lr, "train_dead_frac": m.get("dead_frac"), "config": cfg.to_dict()}
@@ -211,7 +241,8 @@ def main() -> None:
                    help="distinct training rows cached (the first windows of the training split); budgets above "
                         "this repeat them in fresh permutations")
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows (test split) evaluated")
-    p.add_argument("--variants", nargs="+", default=["default", "paper"], choices=sorted(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=["default", "paper"], choices=sorted(VARIANTS),
+                   help="saehook arms (none: only --peers)")
     p.add_argument("--control-arms", nargs="*", default=["default", "paper", "sparsify"],
                    help="arms whose evaluation includes the random-error control (one more forward per batch)")
     p.add_argument("--peers", action="store_true", help="also sparsify's Trainer with its defaults (.venv-bench)")
@@ -238,8 +269,9 @@ def main() -> None:
     first = len(records)
     for tokens in args.tokens:
         for name in args.variants:
+            live = (model, corpus, args.layer, len(rows) // (args.context - 1))
             sae, info = train_saehook(rows, d, args.latents, args.k, tokens, VARIANTS[name], args.seed,
-                                      args.matmul_dtype)
+                                      args.matmul_dtype, live=live)
             r = {"arm": f"saehook {name}", "budget": tokens, "layer": args.layer, "n_latents": args.latents,
                  "k": args.k, **info, **evaluate_arm(model, sae, args.layer, windows, args.eval_windows, args.context,
                                  name in args.control_arms),

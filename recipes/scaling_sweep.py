@@ -10,9 +10,9 @@ rows, trained with saehook's defaults for that budget (TrainConfig(): batch size
 schedule chosen from the run's length). A fixed budget for every size (``--token-exponent 0``) is the
 protocol that made the fit come out backwards: large dictionaries are then the least trained.
 
-Activations of the training split are collected once (one pass, held in memory as bf16; a budget
-larger than one pass repeats it with a fresh permutation) and every autoencoder trains on them. The
-loss is FVU on held-out rows from the corpus's *test* windows.
+Activations of the training split are collected once (one pass at most, held in memory, or read from
+``--activations``; a budget larger than the rows repeats them with a fresh permutation) and every
+autoencoder trains on them. The loss is FVU on held-out rows from the corpus's *test* windows.
 
     python recipes/scaling_sweep.py --base-tokens 150k --latents 512 1024 2048 4096 --ks 8 16 32 --out runs/sweep
 """
@@ -40,6 +40,9 @@ p.add_argument("--token-exponent", type=float, default=0.6,
                help="tokens grow as n^exponent (paper: ~0.6 to convergence; 0 = equal budgets)")
 p.add_argument("--eval-tokens", type=parse_count, default=parse_count("20k"), help="held-out rows (test split)")
 p.add_argument("--batch-tokens", type=parse_count, default=None, help="rows per step (default: from the budget)")
+p.add_argument("--activations", default=None,
+               help="a safetensors file whose 'rows' [N, d] are this layer's training activations (e.g. the cache "
+                    "benchmarks/bench_quality.py writes): skips collecting them")
 p.add_argument("--out", default="runs/sweep")
 args = p.parse_args()
 
@@ -57,13 +60,21 @@ out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 n0 = min(args.latents)
 budget = {n: int(args.base_tokens * (n / n0) ** args.token_exponent) for n in args.latents}
-model, tok = saehook.load_model(dtype=torch.bfloat16)
+from saehook.models import auto_dtype  # noqa: E402
+
+model, tok = saehook.load_model(dtype=getattr(torch, auto_dtype("auto")))  # bf16 only where it is native
 corpus = saehook.Corpus.from_source(None, tok, context=128)
 d = model.config.hidden_size
 with saehook.attach(model, {args.layer: saehook.TopKSAE(d, 8, 1)}, record=False) as hooked:
-    # one pass over the training windows at most (never the same window twice in the cache)
-    train = collect_activations(hooked, list(corpus.windows("train", batch_size=16)), max(budget.values()),
-                                batch_size=16)[args.layer].to(torch.bfloat16)
+    if args.activations:
+        from safetensors.torch import load_file
+
+        train = load_file(args.activations)["rows"][: max(budget.values())]
+        if train.shape[1] != d:
+            raise SystemExit(f"{args.activations} holds rows of width {train.shape[1]}, the model's is {d}")
+    else:  # one pass over the training windows at most (never the same window twice in the cache)
+        train = collect_activations(hooked, list(corpus.windows("train", batch_size=16)), max(budget.values()),
+                                    batch_size=16)[args.layer]
     held_out = collect_activations(hooked, list(corpus.windows("test", batch_size=16)), args.eval_tokens,
                                    batch_size=16)[args.layer]
 print(f"collected {len(train):,} training and {len(held_out):,} held-out rows (width {d}, layer {args.layer}) "
@@ -89,7 +100,7 @@ for n in args.latents:
         t0 = time.perf_counter()
         torch.manual_seed(0)
         sae = saehook.TopKSAE(d, n, k)
-        cfg = saehook.TrainConfig(batch_tokens=args.batch_tokens, matmul_dtype="bfloat16")
+        cfg = saehook.TrainConfig(batch_tokens=args.batch_tokens, matmul_dtype=auto_dtype("auto"))
         trainer = saehook.SAETrainer(sae, cfg, total_tokens=budget[n])
         for batch in batches(budget[n], trainer.batch_tokens):
             trainer.step(batch)

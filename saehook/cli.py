@@ -159,6 +159,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-positions", type=int, default=1, help="first positions per window left out (BOS)")
     p.add_argument("--dense-threshold", type=float, default=0.1, help="dense: fires on more than this fraction")
     p.add_argument("--no-joint", action="store_true", help="skip the joint splice of all autoencoders")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the random-error control (delta LM loss of a random error of the same per-token "
+                        "norm; one forward per hookpoint and batch)")
+    p.add_argument("--no-ablations", action="store_true",
+                   help="skip the zero- and mean-ablated passes and CE recovered (two forwards per hookpoint, batch)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="language model dtype")
     p.add_argument("--device-map", default=None, help="accelerate device map for the model, e.g. auto")
@@ -195,10 +200,6 @@ def run_eval(args):
         if key in saes:
             raise SystemExit(f"two --sae folders have hookpoint {key!r}")
         saes[key] = sae
-    from .models import auto_dtype
-
-    device = "cuda" if torch.cuda.is_available() and args.device_map else "cpu"
-    args.dtype, args.matmul_dtype = auto_dtype(args.dtype, device), auto_dtype(args.matmul_dtype, device)
     kwargs = {"dtype": _dtype(args.dtype)}
     if args.device_map:
         kwargs["device_map"] = args.device_map
@@ -209,7 +210,8 @@ def run_eval(args):
     t0 = time.perf_counter()
     report = evaluate(model, saes, corpus, tokens=args.tokens, batch_size=args.batch_size,
                       skip_positions=args.skip_positions, joint=not args.no_joint,
-                      dense_threshold=args.dense_threshold, progress=not args.no_progress)
+                      dense_threshold=args.dense_threshold, progress=not args.no_progress,
+                      control=not args.no_control, ablations=not args.no_ablations, seed=args.seed)
     report.settings.update(model=args.model or "SmolLM2-135M-Instruct", corpus=args.corpus or "bbc_news",
                            saes={str(k): str(p) for k, p in zip(saes, args.sae)}, dtype=args.dtype)
     out = Path(args.out) if args.out else Path(args.sae[0]).resolve().parent / "report.json"

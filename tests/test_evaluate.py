@@ -388,4 +388,11 @@ def test_eval_command(tmp_path, capsys, word_tokenizer):
     report = EvalReport.load(run / "report.json")
     assert report["model.layers.1"]["fvu"] == 0.0 and report["model.layers.1"]["delta_lm_loss"] == 0.0
     assert report["model.layers.2"]["tokens"] >= 200 and report.settings["model"] == str(path)
+    assert "random_error_delta_lm_loss" in report["model.layers.2"] and "ce_recovered_zero" in report["model.layers.2"]
+    assert main(["eval", "--sae", str(run / "layer2"), "--model", str(path), "--corpus", str(text), "--tokens", "200",
+                 "--context", "16", "--batch-size", "4", "--holdout", "0.5", "--no-progress", "--no-control",
+                 "--no-ablations", "--out", str(run / "fast.json")]) == 0
+    fast = EvalReport.load(run / "fast.json")["model.layers.2"]
+    assert "random_error_delta_lm_loss" not in fast and "ce_recovered_zero" not in fast
+    assert fast["delta_lm_loss"] == report["model.layers.2"]["delta_lm_loss"]
     assert sae_key(Path("runs/x/lm_head_input"), {}) == "lm_head:input"
