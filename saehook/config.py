@@ -149,13 +149,13 @@ class TrainConfig:
     def lr_factor(self, step: int, total_steps: int | None) -> float:
         """Multiplier of the peak learning rate at optimizer step ``step`` (0-based) of ``total_steps``.
 
-        Warm-up ``w = warmup_fraction * total_steps`` steps: ``(step + 1) / w``. Then ``"constant"``: 1;
+        Warm-up ``w = warmup_fraction * total_steps`` steps: ``min(1, (step + 1) / w)``. Then ``"constant"``: 1;
         ``"wsd"``: 1 until the last ``decay_fraction * total_steps`` steps, then linear to 0 at the end;
         ``"cosine"``: ``(1 + cos(pi t)) / 2`` with ``t`` the fraction of the post-warm-up steps done.
         """
         span = total_steps if total_steps else self.target_steps
         warm = self.warmup_fraction * span
-        if step < warm:
+        if step + 1 < warm:
             return (step + 1) / warm
         if not total_steps or self.lr_schedule == "constant":
             return 1.0

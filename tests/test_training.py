@@ -304,6 +304,7 @@ def test_lr_schedule_and_budget_aware_batch():
     cos = TrainConfig(lr_schedule="cosine", warmup_fraction=0.0)
     assert cos.lr_factor(0, 100) == 1.0 and cos.lr_factor(50, 100) == pytest.approx(0.5)
     assert TrainConfig(lr_schedule="constant").lr_factor(99, 100) == 1.0
+    assert [cfg.lr_factor(s, 4) for s in range(4)] == [1.0, 1.0, 1.0, 1.0]  # warm-up under one step: never > 1
     assert cfg.lr_factor(10_000, None) == 1.0  # unknown length: no decay
     # ~500 steps, a power of two in [1024, 8192]
     assert [cfg.batch_for(t) for t in (None, 100_000, 250_000, 1_000_000, 4_000_000, 10**9)] == \

@@ -42,7 +42,10 @@ def source():
 torch.manual_seed(0)
 saes = {layer: saehook.TopKSAE(32, 128, 4) for layer in args.layers}
 init = {layer: sae.W_enc.clone() for layer, sae in saes.items()}
-cfg = saehook.TrainConfig(batch_tokens=args.batch_tokens, shuffle_buffer=0, checkpoint_every=2, log_every=1)
+# A constant rate: the resume test extends a shorter run, which equals the long run only when the schedule does
+# not depend on the run's length (a decaying one is re-planned from the new length on resume).
+cfg = saehook.TrainConfig(batch_tokens=args.batch_tokens, shuffle_buffer=0, checkpoint_every=2, log_every=1,
+                          lr_schedule="constant", warmup_fraction=0.0)
 with saehook.attach(model, saes) as hooked:
     report = hooked.train(source(), tokens=args.tokens, config=cfg, out=args.out, shard=args.shard,
                           progress=False, resume=args.resume)
