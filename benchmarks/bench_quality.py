@@ -75,6 +75,7 @@ VARIANTS: dict[str, dict] = {
     "auxk-coef-1/8": {"auxk_coef": 1 / 8},
     "e2e-kl-2%": {"e2e_fraction": 0.02},
     "e2e-kl-2%-pure": {"e2e_fraction": 0.02, "e2e_fvu_coef": 0.0},
+    "e2e-kl-5%": {"e2e_fraction": 0.05},
 }
 
 
