@@ -188,34 +188,40 @@ def test_train_while_generating():
     assert not hooked.attached and not hooked._taps
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    def run(out, src, resume=False):
-        torch.manual_seed(0)
-        sae = TopKSAE(32, 128, 4)
-        with saehook.attach(tiny_model("llama"), {1: sae}) as hooked:
-            hooked.train(src, tokens=8000, config=small_cfg(checkpoint_every=7, ema=0.99),
-                         out=out, resume=resume, progress=False)
-        return sae
+class Interrupt(Exception):
+    pass
 
-    full = run(tmp_path / "a", source(60))
 
-    class Interrupt(Exception):
-        pass
+def dying(n):  # a source whose reader dies after n batches
+    for i, b in enumerate(source(60)):
+        if i == n:
+            raise Interrupt
+        yield b
 
-    def dying(n):  # a source whose reader dies after n batches
-        for i, b in enumerate(source(60)):
-            if i == n:
-                raise Interrupt
-            yield b
 
-    with pytest.raises(Interrupt):
-        run(tmp_path / "b", dying(17))
-    assert (tmp_path / "b" / "checkpoints" / "LATEST").read_text() == "step-0000014"
-    resumed = run(tmp_path / "b", source(60), resume=True)
-    for (n, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
+def train_tiny(out, src, cfg, resume=False):
+    """A fresh seeded autoencoder at layer 1 of a tiny Llama, trained on ``src`` for 8000 tokens."""
+    torch.manual_seed(0)
+    sae = TopKSAE(32, 128, 4)
+    with saehook.attach(tiny_model("llama"), {1: sae}) as hooked:
+        hooked.train(src, tokens=8000, config=cfg, out=out, resume=resume, progress=False)
+    return sae
+
+
+def assert_same_weights(a, b):
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = small_cfg(checkpoint_every=7, ema=0.99)
+    full = train_tiny(tmp_path / "a", source(60), cfg)
+    with pytest.raises(Interrupt):
+        train_tiny(tmp_path / "b", dying(17), cfg)
+    assert (tmp_path / "b" / "checkpoints" / "LATEST").read_text() == "step-0000014"
+    assert_same_weights(full, train_tiny(tmp_path / "b", source(60), cfg, resume=True))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        run(tmp_path / "c", source(2), resume=True)
+        train_tiny(tmp_path / "c", source(2), cfg, resume=True)
 
 
 def test_nan_in_live_activations_names_hookpoint():
@@ -329,30 +335,10 @@ def test_lr_schedule_and_budget_aware_batch():
 @pytest.mark.parametrize("kw", [dict(lr_schedule="cosine", warmup_fraction=0.1),
                                 dict(batch_tokens=None, lr_scale=2.0, decay_fraction=0.5, checkpoint_every=2)])
 def test_new_options_round_trip_through_checkpoint_and_resume(tmp_path, kw):
-    def run(out, src, resume=False):
-        torch.manual_seed(0)
-        sae = TopKSAE(32, 128, 4)
-        with saehook.attach(tiny_model("llama"), {1: sae}) as hooked:
-            hooked.train(src, tokens=8000, config=small_cfg(**{"checkpoint_every": 7, **kw}), out=out,
-                         resume=resume, progress=False)
-        return sae
-
-    full = run(tmp_path / "a", source(60))
+    cfg = small_cfg(**{"checkpoint_every": 7, **kw})
+    full = train_tiny(tmp_path / "a", source(60), cfg)
     saved = json.loads((tmp_path / "a" / "train_config.json").read_text())
-    assert TrainConfig.from_dict({k: v for k, v in saved.items() if k not in ("tokens", "world", "shard")}) == \
-        small_cfg(**{"checkpoint_every": 7, **kw})
-
-    class Interrupt(Exception):
-        pass
-
-    def dying(n):
-        for i, b in enumerate(source(60)):
-            if i == n:
-                raise Interrupt
-            yield b
-
+    assert TrainConfig.from_dict({k: v for k, v in saved.items() if k not in ("tokens", "world", "shard")}) == cfg
     with pytest.raises(Interrupt):
-        run(tmp_path / "b", dying(17))
-    resumed = run(tmp_path / "b", source(60), resume=True)
-    for (n, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)
+        train_tiny(tmp_path / "b", dying(17), cfg)
+    assert_same_weights(full, train_tiny(tmp_path / "b", source(60), cfg, resume=True))
