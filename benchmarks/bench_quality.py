@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import saehook  # noqa: E402
+from saehook.buffer import epoch_batches  # noqa: E402
 from saehook.cli import parse_count  # noqa: E402
 
 CACHE = ROOT / "runs" / "quality" / "cache"
@@ -76,6 +77,12 @@ VARIANTS: dict[str, dict] = {
     "e2e-kl-2%": {"e2e_fraction": 0.02},
     "e2e-kl-2%-pure": {"e2e_fraction": 0.02, "e2e_fvu_coef": 0.0},
     "e2e-kl-5%": {"e2e_fraction": 0.05},
+    "batch1k+auxk1/8": {"batch_tokens": 1024, "auxk_coef": 1 / 8},
+    "batch1k+dead1%": {"batch_tokens": 1024, "dead_fraction": 0.01},
+    "batch1k+dead1%+auxk1/8": {"batch_tokens": 1024, "dead_fraction": 0.01, "auxk_coef": 1 / 8},
+    "lr8x+dead1%+auxk1/8": {"lr_scale": 8.0, "dead_fraction": 0.01, "auxk_coef": 1 / 8},
+    "dead1%": {"dead_fraction": 0.01},
+    "batch1k+e2e-kl-2%": {"batch_tokens": 1024, "e2e_fraction": 0.02},
 }
 
 
@@ -119,22 +126,6 @@ def cached_rows(model, corpus, layer: int, context: int, limit: int) -> torch.Te
     return rows
 
 
-def row_batches(rows: torch.Tensor, tokens: int, batch_tokens: int, seed: int = 0):
-    """Batches of ``batch_tokens`` float32 rows, ``tokens`` in all, one fresh permutation per pass."""
-    if batch_tokens > len(rows):
-        raise SystemExit(f"a batch of {batch_tokens} rows needs at least that many cached rows (--cache-rows), "
-                         f"have {len(rows)}")
-    done, epoch = 0, 0
-    while done < tokens:
-        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + epoch))
-        for i in range(0, len(perm) - batch_tokens + 1, batch_tokens):
-            if done >= tokens:
-                return
-            yield rows[perm[i: i + batch_tokens]].float()
-            done += batch_tokens
-        epoch += 1
-
-
 def eval_windows(corpus, n_windows: int) -> list[torch.Tensor]:
     """The first ``n_windows`` held-out windows, in batches of 8 (the same for every arm)."""
     out, n = [], 0
@@ -164,7 +155,7 @@ def train_saehook(rows, d, n, k, tokens, overrides: dict, seed: int = 0, matmul_
         per_batch = 8 * (corpus.context - cfg.skip_positions)
         n_local = -(-local // trainer.batch_tokens)
         trainer.total_steps = n_local + -(-(tokens - n_local * trainer.batch_tokens) // per_batch)
-    for batch in row_batches(rows, local, trainer.batch_tokens, seed):
+    for batch in epoch_batches(rows, local, trainer.batch_tokens, seed):
         m = trainer.step(batch)
     if cfg.e2e_fraction > 0:
         from saehook.e2e import e2e_step

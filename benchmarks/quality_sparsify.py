@@ -79,7 +79,7 @@ def main() -> None:
     rows = load_file(args.cache)["rows"]
     n_seq = args.tokens // args.seq
     order, epoch = [], 0
-    while len(order) * len(rows) < n_seq * args.seq:  # the same permutations as bench_quality.row_batches
+    while len(order) * len(rows) < n_seq * args.seq:  # the same permutations as saehook.buffer.epoch_batches
         order.append(torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed + epoch)))
         epoch += 1
     ids = torch.cat(order)[: n_seq * args.seq].reshape(n_seq, args.seq)

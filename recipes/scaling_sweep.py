@@ -52,6 +52,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from saehook.buffer import epoch_batches  # noqa: E402
 from saehook.scaling import fit_scaling_law  # noqa: E402
 from saehook.training import collect_activations  # noqa: E402
 
@@ -81,19 +82,6 @@ print(f"collected {len(train):,} training and {len(held_out):,} held-out rows (w
       f"in {time.perf_counter() - t_start:.0f}s; budgets {budget}", flush=True)
 
 
-def batches(tokens: int, batch_tokens: int, seed: int = 0):
-    """``tokens`` rows in batches, one fresh permutation of the cache per pass."""
-    done, epoch = 0, 0
-    while done < tokens:
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + epoch))
-        for i in range(0, len(perm) - batch_tokens + 1, batch_tokens):
-            if done >= tokens:
-                return
-            yield train[perm[i: i + batch_tokens]].float()
-            done += batch_tokens
-        epoch += 1
-
-
 results = []
 for n in args.latents:
     for k in args.ks:
@@ -102,7 +90,7 @@ for n in args.latents:
         sae = saehook.TopKSAE(d, n, k)
         cfg = saehook.TrainConfig(batch_tokens=args.batch_tokens, matmul_dtype=auto_dtype("auto"))
         trainer = saehook.SAETrainer(sae, cfg, total_tokens=budget[n])
-        for batch in batches(budget[n], trainer.batch_tokens):
+        for batch in epoch_batches(train, budget[n], trainer.batch_tokens):
             trainer.step(batch)
         with torch.no_grad():
             fvu = float(saehook.fvu(held_out, sae.decode(sae.encode(held_out))))

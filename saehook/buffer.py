@@ -7,6 +7,8 @@ appended as they stream in; once the buffer holds ``capacity + batch`` rows it i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -52,3 +54,24 @@ class ShuffleBuffer:
         rows = st["rows"]
         self.rows, self.n = ([rows.to(self.device) if self.device else rows] if len(rows) else []), len(rows)
         self.gen.set_state(st["rng"])
+
+
+def epoch_batches(rows: Tensor, tokens: int, batch_tokens: int, seed: int = 0) -> Iterator[Tensor]:
+    """Batches of ``batch_tokens`` float32 rows drawn from cached activations ``rows [N, d]``, ``tokens`` rows in
+    all (rounded up to whole batches): one pass after another, each in a fresh permutation seeded
+    ``seed + pass``; the ``N mod batch_tokens`` rows left at a pass's end are skipped in that pass.
+
+    Raises ``ValueError`` when one batch needs more rows than the cache holds.
+    """
+    if batch_tokens <= 0 or batch_tokens > len(rows):
+        raise ValueError(f"a batch of {batch_tokens} rows needs at least that many cached rows; the cache has "
+                         f"{len(rows)}: collect more activations or lower batch_tokens")
+    done, epoch = 0, 0
+    while done < tokens:
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + epoch))
+        for i in range(0, len(perm) - batch_tokens + 1, batch_tokens):
+            if done >= tokens:
+                return
+            yield rows[perm[i: i + batch_tokens]].float()
+            done += batch_tokens
+        epoch += 1
