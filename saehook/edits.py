@@ -5,7 +5,7 @@ Let ``x`` be the hookpoint activation, ``s`` the autoencoder's input scale, ``z`
 only at the positions it is restricted to:
 
 - splice:               ``y <- y - x + x_hat``         (``x_hat`` when no other edit acts)
-- splice(keep_error):   ``y <- x_hat + (y - x_hat)``   (numerically ``y``; the SAE is in the graph)
+- splice(keep_error):   ``y <- y - x + x_hat + sg(x - x_hat)``   (numerically ``y``)
 - steer (add):          ``y <- y + sum_j v_j W_dec[j] / s``
 - steer (clamp):        ``y <- y + sum_j (v_j - z_j) W_dec[j] / s``   (latent j set to v_j, error kept)
 - ablate:               ``y <- y - sum_j z_j W_dec[j] / s``           (its share removed, error kept)
@@ -13,6 +13,13 @@ only at the positions it is restricted to:
 ``v_j`` is in the units of the latent's activation, so clamping latent ``j`` to ``v`` and adding ``v`` to
 a latent that is not firing give the same vector; with the default scale ``s = 1`` steering adds exactly
 ``v * W_dec[j]``. Clamp and ablate are computed from the code of the clean activation ``x``.
+
+``sg`` is stop-gradient (``.detach()``): with ``keep_error`` the error term ``e = x - x_hat`` is a
+constant, as in attribution patching. Values are those of the run without the splice; under autograd
+``d y / d x_hat`` is the identity, as in a plain splice, so a loss downstream, evaluated at the clean
+values, reaches the autoencoder (``W_dec``, ``W_enc``, the code ``z``), and upstream of the hookpoint
+the clean part ``x`` is differentiated through the autoencoder only (``d y / d x = d x_hat / d x``).
+(``x_hat + (x - x_hat)`` with nothing detached would cancel it: the gradient on ``x_hat`` is exactly 0.)
 """
 
 from __future__ import annotations
@@ -71,9 +78,12 @@ class Edit:
         return m.unsqueeze(-1)
 
     def apply(self, key, sae: TopKSAE, x: Tensor, y: Tensor, codes: Codes | None, x_hat: Tensor | None) -> Tensor:
-        """The new value of ``y [..., d]`` at this edit's positions (before masking)."""
+        """The new value of ``y [..., d]`` at this edit's positions (before masking), by the formulas of
+        the module docstring. Splice: ``y - x + x_hat``, and with ``keep_error`` plus the error term
+        ``(x - x_hat).detach()``: numerically ``y``, with gradients reaching ``x_hat`` (never cancelled)."""
         if self.kind == "splice":  # replace the clean part x of y by x_hat; other edits' shares stay
-            return x_hat + (y - x_hat) if self.keep_error else y - x + x_hat
+            spliced = y - x + x_hat
+            return spliced + (x - x_hat).detach() if self.keep_error else spliced
         idx, vals = self.targets[key]
         W = sae.W_dec[idx]  # [m, d]
         if self.kind == "add":

@@ -7,7 +7,8 @@ edited activation back through the envoy, with exactly the math of :mod:`saehook
 :class:`~saehook.edits.Edit` objects the hooks of :func:`saehook.attach` apply):
 
 - :func:`encode` / :func:`reconstruct`: the code / the reconstruction ``x_hat`` of the activation.
-- :func:`splice`: ``x <- x_hat`` (``keep_error=True``: ``x_hat + (x - x_hat)``).
+- :func:`splice`: ``x <- x_hat`` (``keep_error=True``: ``x_hat + (x - x_hat).detach()``, numerically ``x``
+  with gradients reaching the autoencoder, as in attribution patching).
 - :func:`steer`: ``x <- x + sum_j v_j W_dec[j] / s`` (``mode="clamp"``: latent ``j`` set to ``v_j``).
 - :func:`ablate`: ``x <- x - sum_j z_j W_dec[j] / s``.
 
@@ -119,7 +120,9 @@ def _targets(sae: TopKSAE, idx: list, vals: list, what: str) -> dict:
 
 def splice(sae: TopKSAE, envoy, *, keep_error: bool = False, site: str = "output") -> Codes:
     """Replace the activation at ``envoy`` by its reconstruction ``x_hat``. With ``keep_error=True``
-    write ``x_hat + (x - x_hat)``: numerically the clean activation, with the autoencoder in the graph."""
+    write ``x_hat + (x - x_hat).detach()``: numerically the clean activation, while a loss computed later
+    in the trace (``loss.backward()`` inside the body) reaches the autoencoder through ``x_hat``; the error
+    term is a constant, as in attribution patching (see :mod:`saehook.edits`)."""
     return _apply(sae, envoy, Edit("splice", {_KEY: None}, keep_error), site)
 
 

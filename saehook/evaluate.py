@@ -470,8 +470,9 @@ def evaluate(model, saes: Mapping[Key, TopKSAE], source, tokens: int, *, batch_s
         skip_positions: the first positions of each row that are neither measured nor spliced (BOS).
         joint: with several hookpoints, also splice all of them at once (``report.joint``).
         dense_threshold: a latent is dense if it fires on more than this fraction of tokens.
-        keep_error: splice ``x_hat + (x - x_hat)`` (numerically the clean activation): a sanity check
-            whose ``delta_lm_loss`` and ``kl`` must be ~0.
+        keep_error: splice ``x_hat + (x - x_hat).detach()`` as :meth:`saehook.Hooked.splice` does
+            (numerically the clean activation; evaluation runs without gradients, so only the value
+            matters): a sanity check whose ``delta_lm_loss`` and ``kl`` must be ~0.
         ablations: run the zero- and mean-ablated passes (``zero_ablation_loss``, ``mean_ablation_loss``,
             ``ce_recovered_*``); False leaves them and their metrics out, for fast sweeps.
         control: run the random-error control (``random_error_delta_lm_loss``, ``random_error_kl``,

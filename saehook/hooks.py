@@ -196,8 +196,9 @@ class Hooked:
         # adding a fixed vector needs no code (unless the normalisation is per row)
         if self.record or sae.per_row_scale or any(e.kind != "add" for e in edits):
             codes = sae.encode(xs)
-        if self.record:
-            self.latents[key] = Codes(codes.values.detach(), codes.indices)
+        if self.record:  # under a splice the values keep their graph: d(metric)/dz for attribution
+            spliced = any(e.kind == "splice" for e in edits)
+            self.latents[key] = Codes(codes.values if spliced else codes.values.detach(), codes.indices)
         if not edits:
             return None
         x_hat = sae.decode(codes) if any(e.kind == "splice" for e in edits) else None
@@ -278,8 +279,12 @@ class Hooked:
     def splice(self, keys: Sequence[Key] | None = None, *, keep_error: bool = False,
                positions: Positions = None):
         """Replace the hookpoint activation by the reconstruction ``x_hat`` (all attached keys by
-        default). With ``keep_error=True`` the output is ``x_hat + (x - x_hat)``: numerically the clean
-        activation, with the autoencoder in the computation graph."""
+        default). With ``keep_error=True`` the output is ``x_hat + (x - x_hat).detach()``, as in
+        attribution patching: numerically the clean activation, while gradients of anything downstream
+        reach the autoencoder through ``x_hat`` (the error term is a constant). While a splice acts,
+        ``latents[key].values`` keep their autograd graph, so ``torch.autograd.grad(metric,
+        hooked.latents[key].values)`` is the gradient with respect to the active latents (when the
+        autoencoder's parameters, or the activation, require grad)."""
         return self._pushed(Edit("splice", {k: None for k in self._keys(keys)}, keep_error, positions))
 
     def steer(self, spec: Mapping[Key, Mapping[int, float]], *, mode: str = "add", positions: Positions = None):
