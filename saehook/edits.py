@@ -24,6 +24,7 @@ the clean part ``x`` is differentiated through the autoencoder only (``d y / d x
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -106,3 +107,48 @@ def check_positions(positions: Positions) -> None:
     if isinstance(positions, Sequence) and all(isinstance(p, int) for p in positions):
         return
     raise TypeError(f"positions must be None, an int, a slice, a list of ints or 'generated', got {positions!r}")
+
+
+def _is_bool(v) -> bool:
+    """A Python, NumPy or torch boolean (scalar)."""
+    return isinstance(v, bool) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool")
+
+
+def _latent_id(v, what: str) -> int:
+    """One latent id as a Python int: anything integer-like (``operator.index``), but not a bool."""
+    if _is_bool(v):
+        raise TypeError(f"{what}: latent id {v!r} is a bool; pass an integer latent index (an int, a NumPy "
+                        f"integer or a 0-d integer tensor)")
+    if isinstance(v, Tensor) and v.dim() != 0:
+        raise TypeError(f"{what}: latent id {v!r} is a tensor of shape {tuple(v.shape)}; pass an integer latent "
+                        f"index (an int, a NumPy integer or a 0-d integer tensor)")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{what}: latent id {v!r} is not an integer; pass an integer latent index (an int, a "
+                        f"NumPy integer or a 0-d integer tensor)") from None
+
+
+def latent_ids(items, n_latents: int, what: str) -> list[int]:
+    """The latent ids ``items`` (one id, or a sequence / 1-d tensor / 1-d array of ids) as Python ints.
+
+    An id is anything integer-like (``int``, NumPy integers, 0-d integer tensors: ``operator.index``).
+    Refused, with an error naming the value: bools and non-integers (``TypeError``), ids outside
+    ``0 .. n_latents - 1`` (``IndexError``; a negative id is not counted from the end: a latent id names
+    a latent), tensors of 2 or more dimensions (``TypeError``) and repeated ids (``ValueError``: ablating
+    or steering a latent twice would act twice).
+    """
+    if getattr(items, "ndim", 1) == 0 or isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        items = [items]  # one id (checked below)
+    elif getattr(items, "ndim", 1) != 1:
+        raise TypeError(f"{what}: expected a latent id or a 1-d sequence of them, got shape "
+                        f"{tuple(items.shape)}")
+    ids = [_latent_id(v, what) for v in items]
+    bad = [j for j in ids if not 0 <= j < n_latents]
+    if bad:
+        raise IndexError(f"{what}: latents {bad} out of range (n_latents={n_latents}: ids are 0..{n_latents - 1}; "
+                         f"negative ids are not counted from the end)")
+    repeated = sorted({j for j in ids if ids.count(j) > 1})
+    if repeated:
+        raise ValueError(f"{what}: latents {repeated} given more than once; give each latent once")
+    return ids

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .edits import Edit
+from .edits import Edit, latent_ids
 from .sae import Codes, TopKSAE
 
 __all__ = ["ablate", "encode", "reconstruct", "splice", "steer"]
@@ -110,9 +110,7 @@ def _apply(sae: TopKSAE, envoy, edit: Edit, site: str) -> Codes:
 
 
 def _targets(sae: TopKSAE, idx: list, vals: list, what: str) -> dict:
-    bad = [j for j in idx if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < sae.n_latents]
-    if bad:
-        raise IndexError(f"{what}: latents {bad} out of range (n_latents={sae.n_latents})")
+    idx = latent_ids(idx, sae.n_latents, what)
     dev = sae.W_dec.device
     return {_KEY: (torch.tensor(idx, dtype=torch.long, device=dev),
                    torch.tensor(vals, dtype=sae.W_dec.dtype, device=dev))}
@@ -139,6 +137,7 @@ def steer(sae: TopKSAE, envoy, latents: Mapping[int, float], *, mode: str = "add
 
 
 def ablate(sae: TopKSAE, envoy, latents: Sequence[int] | int, *, site: str = "output") -> Codes:
-    """Zero these latents, error term kept, so only their share of the activation is removed."""
-    idx = [latents] if isinstance(latents, int) else list(latents)
+    """Zero these latents, error term kept, so only their share of the activation is removed. ``latents``:
+    one id or a sequence / 1-d tensor of ids, each an int, a NumPy integer or a 0-d integer tensor."""
+    idx = latent_ids(latents, sae.n_latents, "ablate")
     return _apply(sae, envoy, Edit("ablate", _targets(sae, idx, [0.0] * len(idx), "ablate")), site)

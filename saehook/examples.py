@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .edits import latent_ids
 from .hookpoints import Key, unwrap
 from .sae import Codes, TopKSAE
 
@@ -153,10 +154,8 @@ class _TopN:
     def __init__(self, key, sae: TopKSAE, latents: Tensor | None, n: int, left: int, right: int):
         dev = sae.W_enc.device
         self.key, self.n, self.left, self.right, self.n_latents = key, n, left, right, sae.n_latents
-        self.latents = (torch.arange(sae.n_latents, device=dev) if latents is None
-                        else torch.as_tensor(latents, dtype=torch.long, device=dev).flatten())
-        if len(self.latents) and (int(self.latents.min()) < 0 or int(self.latents.max()) >= sae.n_latents):
-            raise IndexError(f"latents out of range for {key!r} (n_latents={sae.n_latents})")
+        self.latents = (torch.arange(sae.n_latents, device=dev) if latents is None else torch.tensor(
+            latent_ids(latents, sae.n_latents, f"top_examples at {key!r}"), dtype=torch.long, device=dev))
         self.col = torch.full((sae.n_latents,), -1, dtype=torch.long, device=dev)
         self.col[self.latents] = torch.arange(len(self.latents), device=dev)
         m, W = len(self.latents), left + 1 + right

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .edits import Edit, Positions, check_positions
+from .edits import Edit, Positions, check_positions, latent_ids
 from .hookpoints import Hookpoint, Key, find_layers, resolve, unwrap
 from .sae import Codes, TopKSAE
 
@@ -225,13 +225,11 @@ class Hooked:
             if need_values:
                 if not isinstance(items, Mapping):
                     raise TypeError(f"{what}: expected {{latent: value}} for {key!r}, got {items!r}")
-                idx, vals = list(items.keys()), [float(v) for v in items.values()]
+                idx = latent_ids(list(items.keys()), sae.n_latents, f"{what} at {key!r}")
+                vals = [float(v) for v in items.values()]
             else:
-                idx = [items] if isinstance(items, int) else list(items)
+                idx = latent_ids(items, sae.n_latents, f"{what} at {key!r}")
                 vals = [0.0] * len(idx)
-            bad = [j for j in idx if not isinstance(j, int) or not 0 <= j < sae.n_latents]
-            if bad:
-                raise IndexError(f"{what}: latents {bad} out of range for {key!r} (n_latents={sae.n_latents})")
             dev = sae.W_dec.device
             targets[key] = (torch.tensor(idx, dtype=torch.long, device=dev),
                             torch.tensor(vals, dtype=sae.W_dec.dtype, device=dev))
@@ -289,13 +287,16 @@ class Hooked:
 
     def steer(self, spec: Mapping[Key, Mapping[int, float]], *, mode: str = "add", positions: Positions = None):
         """``{key: {latent: value}}``. ``mode="add"``: add ``value * W_dec[latent] / s`` at every
-        position; ``mode="clamp"``: set the latent to ``value`` (error term kept)."""
+        position; ``mode="clamp"``: set the latent to ``value`` (error term kept). A latent id is any
+        integer in ``0 .. n_latents - 1`` (an ``int``, a NumPy integer, a 0-d integer tensor); bools,
+        floats, negative and repeated ids are refused (:func:`saehook.edits.latent_ids`)."""
         if mode not in ("add", "clamp"):
             raise ValueError(f"mode must be 'add' or 'clamp', got {mode!r}")
         return self._pushed(Edit(mode, self._latent_targets(spec, "steer", True), positions=positions))
 
     def ablate(self, spec: Mapping[Key, Sequence[int] | int], *, positions: Positions = None):
-        """``{key: [latents]}``: zero these latents, error term kept, so only their share is removed."""
+        """``{key: latents}``: zero these latents, error term kept, so only their share is removed.
+        ``latents``: one id or a sequence / 1-d tensor of ids, each as for :meth:`steer`."""
         return self._pushed(Edit("ablate", self._latent_targets(spec, "ablate", False), positions=positions))
 
     # ------------------------------------------------------------------ training
