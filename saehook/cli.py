@@ -107,7 +107,7 @@ def run_train(args) -> dict:
     print(f"{'hookpoint':<28}{'fvu':>8}{'l0':>8}{'dead':>8}  saved to")
     for key in saes:
         m = report[key]
-        name = saehook.training.hookpoint_dirname(hooked.hookpoints[key])
+        name = saehook.hookpoints.hookpoint_dirname(hooked.hookpoints[key])
         print(f"{name:<28}{m['fvu']:>8.4f}{m['l0']:>8.1f}{m['dead_frac']:>8.2%}  {Path(args.out) / name}")
     return {"report": report, "model": model, "tokenizer": tok, "saes": saes, "corpus": corpus}
 
@@ -172,31 +172,19 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def sae_key(path: Path, metadata: dict):
-    """The hookpoint key of a saved autoencoder: ``metadata['hookpoint']``, else its folder name (``model.layers.20``;
-    a trailing ``_input`` / ``_output`` written for a ``:input`` / ``:output`` hookpoint becomes the site suffix)."""
-    hp = metadata.get("hookpoint")
-    if hp:
-        return hp
-    name = Path(path).resolve().name
-    for site in ("input", "output"):
-        if name.endswith("_" + site):
-            return name[: -len(site) - 1] + ":" + site
-    return name
-
-
 def run_eval(args):
     """Load the autoencoders and the model, evaluate on held-out text, print a table, write the JSON report."""
     import torch
 
     import saehook
     from saehook.evaluate import evaluate
+    from saehook.hookpoints import saved_key
 
     torch.manual_seed(args.seed)
     saes = {}
     for path in args.sae:
         sae = saehook.TopKSAE.load(path)
-        key = sae_key(Path(path), sae.metadata)
+        key = saved_key(path, sae.metadata)
         if key in saes:
             raise SystemExit(f"two --sae folders have hookpoint {key!r}")
         saes[key] = sae

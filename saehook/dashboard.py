@@ -32,7 +32,7 @@ import torch
 
 from .evaluate import EvalReport
 from .examples import TopExamples, as_saes, decode_token, logit_effects, top_examples, top_tokens
-from .hookpoints import Key
+from .hookpoints import Key, hookpoint_dirname, saved_key
 from .sae import TopKSAE
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ def load_saes(run_or_saes) -> dict[Key, TopKSAE]:
     names its hookpoint, or a path: a training run / folder of autoencoders (every sub-folder
     :func:`saehook.formats.find_hookpoints` finds) or one autoencoder folder. The key is the autoencoder's
     ``metadata["hookpoint"]``, else its folder name (as ``saehook eval`` does)."""
-    from .cli import sae_key
     from .formats import find_hookpoints, load
     from .formats.detect import single_format
 
@@ -61,7 +60,7 @@ def load_saes(run_or_saes) -> dict[Key, TopKSAE]:
     saes: dict = {}
     for sub in found.values():
         sae = load(sub)
-        key = sae_key(sub, sae.metadata)
+        key = saved_key(sub, sae.metadata)
         if key in saes:
             raise ValueError(f"two autoencoders under {path} have hookpoint {key!r}")
         saes[key] = sae
@@ -290,7 +289,6 @@ def build_dashboard(run_or_saes, out_dir: str | os.PathLike, model, tokenizer, s
             the random-error control's, and the report's warnings. Matched by hookpoint.
     """
     from .explain import explain
-    from .formats._common import hookpoint_dirname
     from .plots import plot_density
 
     t_start = time.perf_counter()

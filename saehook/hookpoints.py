@@ -11,7 +11,10 @@ A key is either
 from __future__ import annotations
 
 import difflib
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Union
 
 from torch import nn
@@ -38,6 +41,29 @@ class Hookpoint:
 
     def __str__(self) -> str:
         return self.name if self.site == "output" else f"{self.name}:{self.site}"
+
+
+def hookpoint_dirname(hookpoint: Hookpoint | str) -> str:
+    """The folder name of a hookpoint in a training run or a folder of autoencoders: its ``str`` with ``:``
+    and ``/`` made ``_`` (``model.layers.20``, ``lm_head:input`` -> ``lm_head_input``). Inverse:
+    :func:`hookpoint_of_dirname`."""
+    return str(hookpoint).replace(":", "_").replace("/", "_")
+
+
+def hookpoint_of_dirname(name: str) -> str:
+    """The hookpoint key a folder name written by :func:`hookpoint_dirname` stands for: a trailing ``_input``
+    / ``_output`` becomes the site suffix (``lm_head_input`` -> ``lm_head:input``); other names are module
+    paths as they are."""
+    for site in SITES:
+        if name.endswith("_" + site):
+            return name[: -len(site) - 1] + ":" + site
+    return name
+
+
+def saved_key(path: str | os.PathLike, metadata: Mapping) -> str:
+    """The hookpoint key of an autoencoder saved at ``path``: ``metadata["hookpoint"]`` (written by
+    training), else what its folder name stands for (:func:`hookpoint_of_dirname`)."""
+    return metadata.get("hookpoint") or hookpoint_of_dirname(Path(path).resolve().name)
 
 
 def unwrap(model) -> nn.Module:

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .formats._common import hookpoint_dirname
+from .hookpoints import hookpoint_dirname
 from .sae import TopKSAE
 
 CARD_NAME = "README.md"

@@ -31,6 +31,7 @@ from torch import Tensor
 from . import distributed as D
 from .buffer import ShuffleBuffer
 from .config import TrainConfig
+from .hookpoints import hookpoint_dirname
 from .sae import _atomic_write
 from .trainer import SAETrainer
 
@@ -39,11 +40,6 @@ log = logging.getLogger(__name__)
 
 class StopForward(Exception):
     """Raised inside the model once every hookpoint has been read: the rest of the pass is skipped."""
-
-
-def hookpoint_dirname(hp) -> str:
-    """The folder name of a hookpoint in a run directory, e.g. ``model.layers.20`` or ``lm_head_input``."""
-    return str(hp).replace(":", "_").replace("/", "_")
 
 
 class TrainingSession:

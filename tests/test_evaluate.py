@@ -364,7 +364,8 @@ def test_ablation_sparsity_of_a_real_layer(llama_data):
 
 # ---------------------------------------------------------------------------------------------- cli and docs
 def test_eval_command(tmp_path, capsys, word_tokenizer):
-    from saehook.cli import main, sae_key
+    from saehook.cli import main
+    from saehook.hookpoints import saved_key
 
     words = WORDS
     path = tmp_path / "tiny"
@@ -395,4 +396,4 @@ def test_eval_command(tmp_path, capsys, word_tokenizer):
     fast = EvalReport.load(run / "fast.json")["model.layers.2"]
     assert "random_error_delta_lm_loss" not in fast and "ce_recovered_zero" not in fast
     assert fast["delta_lm_loss"] == report["model.layers.2"]["delta_lm_loss"]
-    assert sae_key(Path("runs/x/lm_head_input"), {}) == "lm_head:input"
+    assert saved_key(Path("runs/x/lm_head_input"), {}) == "lm_head:input"

@@ -27,11 +27,6 @@ KNOWN_FORMATS = (
 )
 
 
-def hookpoint_dirname(hookpoint) -> str:
-    """The folder name saehook's training writes for a hookpoint (``:`` and ``/`` become ``_``)."""
-    return str(hookpoint).replace(":", "_").replace("/", "_")
-
-
 def listing(path: Path, limit: int = 30) -> list[str]:
     """Names in a folder (sub-folders with a trailing ``/``), for error messages."""
     if not path.is_dir():
@@ -101,16 +96,14 @@ def build_sae(
     where: str,
     input_scale: float | Tensor = 1.0,
     multi_topk: bool = False,
-    layernorm: bool = False,
+    cls: type[TopKSAE] = TopKSAE,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     metadata: dict | None = None,
 ) -> TopKSAE:
-    """A :class:`TopKSAE` (``layernorm=True``: a :class:`LayerNormTopKSAE`) holding these tensors, in saehook's
-    orientation (``W_enc`` and ``W_dec`` both ``[n_latents, d_in]``). ``input_scale`` is a number or a ``[d_in]``
-    tensor of per-channel scales. ``dtype`` defaults to ``W_dec``'s."""
-    from .layernorm import LayerNormTopKSAE
-
+    """A ``cls`` (:class:`TopKSAE`, or a subclass such as :class:`~saehook.formats.LayerNormTopKSAE`) holding
+    these tensors, in saehook's orientation (``W_enc`` and ``W_dec`` both ``[n_latents, d_in]``). ``input_scale``
+    is a number or a ``[d_in]`` tensor of per-channel scales. ``dtype`` defaults to ``W_dec``'s."""
     if W_enc.dim() != 2:
         raise FormatError(f"{where}: the encoder weight has shape {tuple(W_enc.shape)}, expected 2 dimensions")
     n, d = W_enc.shape
@@ -134,7 +127,6 @@ def build_sae(
     dtype = dtype or W_dec.dtype
     if not dtype.is_floating_point:
         raise FormatError(f"{where}: weights have dtype {dtype}, expected a floating-point type")
-    cls = LayerNormTopKSAE if layernorm else TopKSAE
     try:
         sae = cls(d, n, k, multi_topk=multi_topk, dtype=dtype, device="meta")
     except SAEConfigError as e:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from ..hookpoints import hookpoint_dirname
 from ..sae import CFG_NAME, WEIGHTS_NAME, TopKSAE
 from . import saelens, sparsify
-from ._common import KNOWN_FORMATS, FormatError, hookpoint_dirname, listing, read_json, tensor_names
+from ._common import KNOWN_FORMATS, FormatError, listing, read_json, tensor_names
 from .layernorm import LN_FORMAT, LayerNormTopKSAE
 from .openai import is_torch_file, load_openai
 

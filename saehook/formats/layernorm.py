@@ -185,7 +185,7 @@ class LayerNormTopKSAE(TopKSAE):
                                   f"{tuple(t['W_enc'].shape)}")
         file_dtype = getattr(torch, str(cfg.get("dtype", "float32")), None)
         sae = build_sae(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], cfg.get("k"), where=str(path),
-                        multi_topk=bool(cfg.get("multi_topk", False)), layernorm=True,
+                        multi_topk=bool(cfg.get("multi_topk", False)), cls=cls,
                         dtype=dtype or (file_dtype if isinstance(file_dtype, torch.dtype) else None),
                         device=device, metadata=cfg.get("metadata", {}))
         sae.ln_eps = float(cfg.get("ln_eps", LN_EPS))

@@ -27,6 +27,7 @@ import torch
 
 from ..sae import TopKSAE
 from ._common import FormatError, build_sae
+from .layernorm import LayerNormTopKSAE
 
 STATS = {"stats_last_nonzero", "latents_activation_frequency", "latents_mean_square"}
 
@@ -87,5 +88,6 @@ def load_openai(path: str | os.PathLike, *, k: int | None = None, layernorm: boo
     W_dec = sd["decoder.weight"].T if "decoder.weight" in sd else W_enc  # tied: decoder = encoder^T
     layernorm = activation in (None, "TopK") if layernorm is None else bool(layernorm)
     meta = {"source_format": "openai", "source_file": path.name}
-    return build_sae(W_enc, sd["latent_bias"], W_dec, sd["pre_bias"], int(k), where=where, layernorm=layernorm,
-                     dtype=dtype or W_enc.dtype, device=device, metadata=meta)
+    return build_sae(W_enc, sd["latent_bias"], W_dec, sd["pre_bias"], int(k), where=where,
+                     cls=LayerNormTopKSAE if layernorm else TopKSAE, dtype=dtype or W_enc.dtype, device=device,
+                     metadata=meta)

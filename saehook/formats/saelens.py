@@ -41,6 +41,7 @@ from ._common import (
     write_json,
     write_safetensors,
 )
+from .layernorm import LayerNormTopKSAE
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -134,8 +135,9 @@ def load_saelens(path: str | os.PathLike, *, device: torch.device | str | None =
     meta = {"model": _meta(cfg, "model_name"), "hook_name": _meta(cfg, "hook_name"),
             "source_format": "saelens", "saelens_cfg": cfg}
     meta = {key: v for key, v in meta.items() if v is not None}
-    return build_sae(W_enc, b_enc, W_dec, b_dec, int(k), where=where, input_scale=scale, layernorm=layernorm,
-                     dtype=dtype or file_dtype, device=device, metadata=meta)
+    return build_sae(W_enc, b_enc, W_dec, b_dec, int(k), where=where, input_scale=scale,
+                     cls=LayerNormTopKSAE if layernorm else TopKSAE, dtype=dtype or file_dtype, device=device,
+                     metadata=meta)
 
 
 def save_saelens(sae: TopKSAE, path: str | os.PathLike, *, hook_name: str | None = None,
@@ -151,8 +153,6 @@ def save_saelens(sae: TopKSAE, path: str | os.PathLike, *, hook_name: str | None
     ``hook_name`` / ``model_name`` default to the autoencoder's metadata; ``hook_layer`` to the number in a
     ``blocks.<n>.`` hook name.
     """
-    from .layernorm import LayerNormTopKSAE
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     md = sae.metadata

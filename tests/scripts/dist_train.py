@@ -49,7 +49,7 @@ cfg = saehook.TrainConfig(batch_tokens=args.batch_tokens, shuffle_buffer=0, chec
 with saehook.attach(model, saes) as hooked:
     report = hooked.train(source(), tokens=args.tokens, config=cfg, out=args.out, shard=args.shard,
                           progress=False, resume=args.resume)
-    names = {k: saehook.training.hookpoint_dirname(hp) for k, hp in hooked.hookpoints.items()}
+    names = {k: saehook.hookpoints.hookpoint_dirname(hp) for k, hp in hooked.hookpoints.items()}
 for layer, sae in saes.items():
     sae.save(Path(args.out) / f"final.rank{rank}" / names[layer])
 summary = {"rank": rank, "tokens": report.tokens, "steps": report.steps, "trained": sorted(
