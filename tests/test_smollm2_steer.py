@@ -109,3 +109,30 @@ def test_hooks_gone_after_exit(smollm2, clean, prompt):
     assert hook_counts(model) == before and not hooked.attached
     assert torch.equal(model(**prompt).logits, clean_logits)
     assert torch.equal(generate(model, prompt), seq)
+
+
+def test_keep_error_splice_gradient_reaches_the_decoder(smollm2, prompt):
+    """The LM loss's gradient on W_dec under splice(keep_error=True) equals that of an independent hook
+    writing ``x_hat + (x - x_hat).detach()`` (it was exactly 0 when nothing was detached)."""
+    model, _ = smollm2
+    sae, ids = fresh_sae(), prompt.input_ids
+
+    def loss_of(logits):
+        return torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+
+    with attach(model, {LAYER: sae}) as hooked, hooked.splice(keep_error=True):
+        (got,) = torch.autograd.grad(loss_of(model(**prompt).logits), sae.W_dec)
+
+    def detached_error(mod, args, out):
+        x = out if isinstance(out, torch.Tensor) else out[0]
+        x_hat = sae.decode(sae.encode(x))
+        y = x_hat + (x - x_hat).detach()
+        return y if isinstance(out, torch.Tensor) else (y, *out[1:])
+
+    handle = saehook.hookpoints.resolve(model, LAYER).module.register_forward_hook(detached_error)
+    try:
+        (ref,) = torch.autograd.grad(loss_of(model(**prompt).logits), sae.W_dec)
+    finally:
+        handle.remove()
+    assert ref.norm() > 0.1
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
