@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .forward import model_device
 from .hookpoints import Key, unwrap
 from .hooks import attach
 from .sae import TopKSAE
@@ -61,10 +62,8 @@ def ablation_sparsity(model, saes: Mapping[Key, TopKSAE], input_ids: Tensor, *, 
     bad = [p for p in positions if not 0 <= p <= L - T]
     if bad:
         raise ValueError(f"positions {bad} leave fewer than T={T} logits in a sequence of length {L}")
-    from .training import _model_device
-
     model = unwrap(model)  # the torch module behind a wrapper
-    ids = ids.to(_model_device(model))
+    ids = ids.to(model_device(model))
     out = {}
     with attach(model, saes) as hooked:
         for key in hooked.saes:

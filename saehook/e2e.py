@@ -28,15 +28,18 @@ first hookpoint is differentiated. The activations are replaced through
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .config import TrainConfig
-from .evaluate import add_position_ids, kl_divergence, loss_mask, next_token_logprobs, position_masks
+from .forward import add_position_ids, kl_divergence, loss_mask, next_token_logprobs, position_masks
 from .hookpoints import Key
-from .hooks import Hooked
 from .trainer import SAETrainer, TrainForward
+
+if TYPE_CHECKING:
+    from .hooks import Hooked
 
 __all__ = ["e2e_step"]
 

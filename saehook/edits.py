@@ -24,9 +24,11 @@ the clean part ``x`` is differentiated through the autoencoder only (``d y / d x
 
 from __future__ import annotations
 
+import numbers
 import operator
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -35,10 +37,23 @@ from torch import Tensor
 from .sae import Codes, TopKSAE
 
 Positions = Union[None, int, slice, Sequence[int], str]
-"""``None``: every position. ``int`` n: positions >= n. ``slice`` / list of ints: those positions.
-``"generated"``: tokens after the prompt of the first (prefill) forward seen in the context.
-Positions are token positions as the model numbers them (its ``position_ids``), so with left padding
-position 0 is each row's first real token."""
+"""Which tokens an edit acts on, by their position ``p`` in their row (see :mod:`saehook.forward`: each
+row's index among its real tokens, the KV cache included, so with left padding position 0 is the row's
+first real token, and a decoding step at position 9 is position 9). Negative indices count from ``n``,
+the row's prompt length: in a plain forward the row itself (Python's ``-1``: its last real token), in
+``generate`` the prompt given to it, with or without the KV cache and with chunked prefill alike.
+
+- ``None``: every token (padding included; it changes no real token's output).
+- ``int`` i: ``p >= i``, i.e. ``slice(i, None)``; ``-2``: the prompt's last two tokens and all after them.
+- ``slice(a, b, c)``: ``a <= p < b`` every ``c``-th from ``a``, as Python's ``range(n)[a:b:c]`` in a plain
+  forward (negative ``a`` / ``b`` count from ``n``); ``b=None`` has no end (generated tokens included);
+  ``c`` may be negative (``a`` then defaults to ``n - 1``), never 0.
+- a sequence of ints: those positions, a negative ``i`` meaning ``n + i`` (``[-1]``: the last prompt token).
+- ``"generated"``: tokens after the prompt (none in a plain forward without a cache; in a loop of your own
+  over a KV cache, the prompt is the forward that started the cache).
+
+Position-restricted edits never act on padding. Ints may be Python, NumPy or 0-d tensor integers.
+"""
 
 
 @dataclass
@@ -52,30 +67,31 @@ class Edit:
     """key -> ``(latent indices [m], values [m])`` (values unused for ablate; empty for splice)."""
     keep_error: bool = False
     positions: Positions = None
-    prompt_len: Tensor | None = field(default=None, repr=False)
-    """Per-row prompt length, learnt at the first prefill when ``positions == "generated"``."""
 
-    def mask(self, pos: Tensor) -> Tensor | None:
-        """Bool ``[B, T, 1]`` (or ``[1, T, 1]``) of positions this edit applies to, None for all."""
+    def mask(self, pos: Tensor, length: Tensor | None = None, generated: Tensor | None = None,
+             real: Tensor | None = None) -> Tensor | None:
+        """Bool ``[B, T, 1]`` of the tokens this edit acts on, None for all.
+
+        ``pos [B, T]``: token positions; ``length [B]``: each row's prompt length (for negative indices;
+        default ``pos.max + 1``); ``generated [B, T]``: tokens after the prompt; ``real [B, T]``: not padding.
+        """
         p = self.positions
         if p is None:
             return None
+        n = (pos.max(-1).values + 1 if length is None else length.to(pos.device)).reshape(-1, 1)  # [B, 1]
         if isinstance(p, str):  # "generated"
-            if int(pos.min()) == 0:  # a prefill (even a one-token prompt): remember where the prompt ends
-                self.prompt_len = pos.max(-1).values + 1
-            if self.prompt_len is None:
-                return None
-            plen = self.prompt_len if self.prompt_len.shape[0] == pos.shape[0] else self.prompt_len.max()
-            m = pos >= plen.reshape(-1, 1) if plen.dim() else pos >= plen
-        elif isinstance(p, int):
-            m = pos >= p
+            m = torch.zeros_like(pos, dtype=torch.bool) if generated is None else generated.to(pos.device)
         elif isinstance(p, slice):
-            start, stop = p.start or 0, p.stop if p.stop is not None else 1 << 62
-            m = (pos >= start) & (pos < stop)
-            if p.step not in (None, 1):
-                m &= (pos - start) % p.step == 0
+            m = _slice_mask(pos, n, p)
+        elif isinstance(p, int):
+            m = pos >= (p if p >= 0 else n + p)
         else:
-            m = torch.isin(pos, torch.as_tensor(list(p), device=pos.device))
+            idx = torch.as_tensor([int(i) for i in p], dtype=torch.long, device=pos.device)
+            m = torch.isin(pos, idx[idx >= 0])
+            for i in idx[idx < 0].tolist():
+                m |= pos == n + i
+        if real is not None:
+            m &= real.to(pos.device)
         return m.unsqueeze(-1)
 
     def apply(self, key, sae: TopKSAE, x: Tensor, y: Tensor, codes: Codes | None, x_hat: Tensor | None) -> Tensor:
@@ -96,16 +112,51 @@ class Edit:
         return y + sae.unscale((target - current) @ W, codes)
 
 
-def check_positions(positions: Positions) -> None:
-    """Raise ``TypeError`` or ``ValueError`` unless ``positions`` is one of the forms of :data:`Positions`."""
-    if positions is None or isinstance(positions, (slice, int)) and not isinstance(positions, bool):
-        return
+def _slice_mask(pos: Tensor, n: Tensor, s: slice) -> Tensor:
+    """``pos in range(n)[s]`` per row, ``n [B, 1]`` (Python's slice semantics, vectorised over rows), except
+    that a missing ``stop`` has no end (tokens after the prompt included)."""
+    step = 1 if s.step is None else s.step
+
+    def bound(v, default):  # a slice bound as a [B, 1] tensor, negatives counted from n
+        if v is None:
+            return default
+        return n + v if v < 0 else torch.full_like(n, v)
+
+    if step > 0:
+        lo, hi = bound(s.start, torch.zeros_like(n)).clamp_min(0), bound(s.stop, torch.full_like(n, 1 << 62))
+        return (pos >= lo) & (pos < hi) & ((pos - lo) % step == 0)
+    hi, lo = bound(s.start, n - 1).clamp_max(n - 1), bound(s.stop, torch.full_like(n, -1)).clamp_min(-1)
+    return (pos <= hi) & (pos > lo) & ((hi - pos) % -step == 0)
+
+
+def check_positions(positions: Positions) -> Positions:
+    """Raise ``TypeError`` or ``ValueError`` unless ``positions`` is one of the forms of :data:`Positions`;
+    returns it with plain Python ints (NumPy / 0-d tensor integers accepted) and sequences as tuples."""
+    def integer(v, what: str) -> int:
+        if isinstance(v, bool) or not (isinstance(v, numbers.Integral)
+                                       or isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point()
+                                       and v.dtype != torch.bool):
+            raise TypeError(f"positions={positions!r}: {what} must be an int, got {v!r}")
+        return int(v)
+
+    if positions is None or isinstance(positions, str) and positions == "generated":
+        return positions
     if isinstance(positions, str):
-        if positions != "generated":
-            raise ValueError(f"positions={positions!r}: the only named choice is 'generated'")
-        return
-    if isinstance(positions, Sequence) and all(isinstance(p, int) for p in positions):
-        return
+        raise ValueError(f"positions={positions!r}: the only named choice is 'generated'")
+    if isinstance(positions, slice):
+        parts = [None if v is None else integer(v, f"slice {name}")
+                 for name, v in zip(("start", "stop", "step"), (positions.start, positions.stop, positions.step))]
+        if parts[2] == 0:
+            raise ValueError(f"positions={positions!r}: slice step cannot be zero")
+        return slice(*parts)
+    if isinstance(positions, (numbers.Integral, torch.Tensor)) and not isinstance(positions, bool) and (
+            not isinstance(positions, torch.Tensor) or positions.dim() == 0):
+        return integer(positions, "an int position")
+    if isinstance(positions, (Sequence, torch.Tensor)) and not isinstance(positions, (str, bytes)):
+        items = positions.tolist() if isinstance(positions, torch.Tensor) else positions
+        if isinstance(positions, torch.Tensor) and positions.dim() != 1:
+            raise TypeError(f"positions: a tensor of positions must be 1-d, got shape {tuple(positions.shape)}")
+        return tuple(integer(p, "each position") for p in items)
     raise TypeError(f"positions must be None, an int, a slice, a list of ints or 'generated', got {positions!r}")
 
 
@@ -143,12 +194,14 @@ def latent_ids(items, n_latents: int, what: str) -> list[int]:
     elif getattr(items, "ndim", 1) != 1:
         raise TypeError(f"{what}: expected a latent id or a 1-d sequence of them, got shape "
                         f"{tuple(items.shape)}")
+    elif hasattr(items, "tolist"):  # a 1-d tensor or array: its Python scalars (bools stay bools)
+        items = items.tolist()
     ids = [_latent_id(v, what) for v in items]
     bad = [j for j in ids if not 0 <= j < n_latents]
     if bad:
         raise IndexError(f"{what}: latents {bad} out of range (n_latents={n_latents}: ids are 0..{n_latents - 1}; "
                          f"negative ids are not counted from the end)")
-    repeated = sorted({j for j in ids if ids.count(j) > 1})
+    repeated = sorted(j for j, count in Counter(ids).items() if count > 1)
     if repeated:
         raise ValueError(f"{what}: latents {repeated} given more than once; give each latent once")
     return ids

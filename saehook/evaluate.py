@@ -40,9 +40,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+# helpers whose home was here, still importable from saehook.evaluate
+from .forward import add_position_ids, kl_divergence, loss_mask, next_token_logprobs, position_masks  # noqa: F401
 from .hookpoints import Key
 from .hooks import Hooked, attach
 from .sae import Codes, TopKSAE
@@ -153,41 +154,6 @@ def eval_batches(source, batch_size: int = 8) -> Iterator[dict]:
             yield {"input_ids": ids}
     else:
         yield from iter_batches(source, batch_size=batch_size)
-
-
-def position_masks(batch: dict, skip_positions: int) -> tuple[Tensor, Tensor]:
-    """``(evaluated [B, T], real [B, T])`` bool masks: real = not padding (``attention_mask``); evaluated =
-    real and at least ``skip_positions`` real tokens into the row (so left padding counts from the first
-    real token, like :meth:`saehook.training.TrainingSession.valid_rows`)."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(ids.device).bool()
-    pos = real.long().cumsum(-1) - 1
-    return real & (pos >= skip_positions), real
-
-
-def add_position_ids(batch: dict, real: Tensor) -> None:
-    """With padding and no ``position_ids`` in ``batch``, add them counted from each row's first real token
-    (as ``generate`` does), so left-padded rows see the same positions as unpadded ones."""
-    if "attention_mask" in batch and "position_ids" not in batch and not bool(real.all()):
-        batch["position_ids"] = (real.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def loss_mask(evaluated: Tensor, real: Tensor) -> Tensor:
-    """``[B, T-1]``: the prediction at ``t`` of token ``t+1`` counts if ``t`` is evaluated and ``t+1`` real."""
-    return evaluated[:, :-1] & real[:, 1:]
-
-
-def next_token_logprobs(logits: Tensor, ids: Tensor, lmask: Tensor) -> tuple[Tensor, Tensor]:
-    """``(log-probs [n, V], cross-entropy [n])`` in float32 at the ``n`` positions of ``lmask [B, T-1]``."""
-    logp = F.log_softmax(logits[:, :-1][lmask].float(), dim=-1)
-    ce = -logp.gather(-1, ids[:, 1:][lmask].unsqueeze(-1)).squeeze(-1)
-    return logp, ce
-
-
-def kl_divergence(logp_p: Tensor, logp_q: Tensor) -> Tensor:
-    """``KL(p || q)`` per row, ``sum_v p_v (log p_v - log q_v)``, from log-probabilities ``[n, V]``."""
-    return (logp_p.exp() * (logp_p - logp_q)).sum(-1)
 
 
 def constant_sae(d_in: int, value: Tensor | None = None) -> TopKSAE:
@@ -346,15 +312,11 @@ class _Evaluation:
         self.joint = joint and len(self.keys) > 1
         self.where = skip_positions if skip_positions > 0 else None  # splice at positions >= skip only
         self.totals = {"clean": 0.0, "joint": 0.0, "joint_kl": 0.0, "n": 0}
-        self._acts: dict = {}
 
     def close(self) -> None:
         for h in (self.hooked, self.zero_h, self.mean_h, self.random_h):
             if h is not None:
                 h.detach()
-
-    def _tap(self, key, hp, x):
-        self._acts[key] = x
 
     def _pass(self, batch: dict, lmask: Tensor, h: Hooked | None = None, keys=None):
         """One forward; returns ``(log-probs [n, V], cross-entropy [n])`` at the loss positions. With ``h``,
@@ -379,20 +341,18 @@ class _Evaluation:
         sae.value = value
 
     def step(self, batch: dict) -> int:
-        """Evaluate one batch (already on the model's device); returns its number of evaluated positions."""
-        evaluated, real = position_masks(batch, self.skip)
-        add_position_ids(batch, real)
+        """Evaluate one batch; returns its number of evaluated positions."""
+        run = self.hooked.run(batch, skip_positions=self.skip, stop_early=False)  # the clean pass
+        batch, evaluated, real = run.batch, run.valid, run.real
         lmask = loss_mask(evaluated, real)
-        self._acts = {}
-        with self.hooked._tapping(self._tap):
-            logp_clean, ce_clean = self._pass(batch, lmask)
+        logp_clean, ce_clean = next_token_logprobs(run.output.logits, batch["input_ids"], lmask)
         for key in self.keys:
-            x = self._acts[key]
+            x = run.acts[key]
             err = self.stats[key].add(x[evaluated] if x.dim() == 3 else x)
             self.mean_saes[key].b_dec.copy_(self.stats[key].mean.to(self.mean_saes[key].b_dec.device))
             if self.control:
                 self._random_error(key, x, evaluated, err)
-        self._acts = {}
+        del run
         self.totals["clean"] += float(ce_clean.sum())
         self.totals["n"] += int(ce_clean.numel())
         for key in self.keys:
@@ -490,17 +450,13 @@ def evaluate(model, saes: Mapping[Key, TopKSAE], source, tokens: int, *, batch_s
         raise ValueError(f"skip_positions must be >= 0, got {skip_positions}")
     from tqdm.auto import tqdm
 
-    from .training import _model_device
-
     run = _Evaluation(model, saes, skip_positions, joint, keep_error, ablations, control, seed)
-    device = _model_device(run.hooked.model)
     bar = tqdm(total=tokens, unit="tok", unit_scale=True, disable=not progress, desc="saehook eval")
     try:
         for batch in eval_batches(source, batch_size):
             if run.stats[run.keys[0]].n >= tokens:
                 break
-            bar.update(run.step({k: (v.to(device) if isinstance(v, Tensor) else v)
-                                 for k, v in batch.items() if k != "labels"}))
+            bar.update(run.step(batch))
     finally:
         bar.close()
         run.close()

@@ -13,7 +13,6 @@ are gathered. Positions are excluded as in :func:`saehook.evaluate.evaluate` (pa
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -119,31 +118,14 @@ def encoded_batches(model, saes: Mapping[Key, TopKSAE], batches: Iterable[dict],
     One forward per batch, stopped after the deepest hookpoint; the codes are computed from the clean
     activations (nothing is spliced). ``evaluated`` / ``real`` are :func:`saehook.evaluate.position_masks`.
     """
-    from .evaluate import add_position_ids, position_masks
     from .hooks import attach
-    from .training import StopForward, _model_device
 
     hooked = attach(model, saes, record=False)
-    codes: dict[Key, Codes] = {}
-
-    def tap(key, hp, x):
-        codes[key] = hooked.saes[key].encode(x.to(hooked.saes[key].W_enc.dtype))
-        if len(codes) == len(hooked.saes):
-            raise StopForward
-
-    device = _model_device(hooked.model)
     try:
         for batch in batches:
-            batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items() if k != "labels"}
-            evaluated, real = position_masks(batch, skip_positions)
-            add_position_ids(batch, real)
-            codes.clear()
-            with torch.no_grad(), hooked._tapping(tap), contextlib.suppress(StopForward):
-                hooked.model(**batch)
-            missing = [k for k in hooked.saes if k not in codes]
-            if missing:
-                raise RuntimeError(f"the forward pass never reached hookpoints {missing}")
-            yield batch, evaluated, real, dict(codes)
+            with torch.no_grad():
+                run = hooked.run(batch, skip_positions=skip_positions, encode=True)
+            yield run.batch, run.valid, run.real, dict(run.codes)
     finally:
         hooked.detach()
 

@@ -242,39 +242,23 @@ class _Runner:
 
     def __init__(self, model, key: Key, sae: TopKSAE, chunk: int):
         from .hooks import attach
-        from .training import _model_device
 
         self.hooked = attach(model, {key: sae}, record=False)
-        self.sae, self.chunk = self.hooked.saes[key], chunk
-        self.device = _model_device(self.hooked.model)
-        self.last: Tensor | None = None
-        self.hooked._taps.append(self._tap)
+        self.key, self.sae, self.chunk = key, self.hooked.saes[key], chunk
         self.forwards = self.rows = self.tokens = 0
-
-    def _tap(self, key, hp, x):
-        from .training import StopForward
-
-        self.last = x[:, -1]
-        raise StopForward
 
     @torch.no_grad()
     def __call__(self, seqs: Tensor, latents: Tensor) -> dict[str, Tensor]:
         """``seqs [R, m]``, ``latents [R]`` -> ``{"pre": [R], "coded": [R]}``: the ReLU pre-activation and the
         TopK value (0 unless among the k largest) of ``latents[r]`` at the end of ``seqs[r]``."""
-        from .training import StopForward
-
         pre, coded = [], []
         for i in range(0, len(seqs), self.chunk):
-            ids = seqs[i: i + self.chunk].to(self.device)
-            self.last = None
-            try:
-                self.hooked.model(input_ids=ids)
-            except StopForward:
-                pass
+            ids = seqs[i: i + self.chunk]
+            run = self.hooked.run(ids)
             self.forwards += 1
             self.rows += ids.shape[0]
             self.tokens += ids.numel()
-            x = self.last.to(self.sae.W_enc.dtype)
+            x = run.acts[self.key][:, -1].to(self.sae.W_enc.dtype)
             lat = latents[i: i + self.chunk].to(x.device)
             pre.append(self.sae.pre_acts(x).gather(-1, lat[:, None]).squeeze(-1).float().relu().cpu())
             codes = self.sae.encode(x)

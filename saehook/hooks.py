@@ -9,44 +9,47 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .edits import Edit, Positions, check_positions, latent_ids
+from .forward import (
+    ForwardState,
+    StopForward,
+    add_position_ids,
+    execution_device,
+    fallback_state,
+    model_device,
+    read_forward,
+    valid_mask,
+)
 from .hookpoints import Hookpoint, Key, find_layers, resolve, unwrap
 from .sae import Codes, TopKSAE
 
 log = logging.getLogger(__name__)
 
 
-def _hook_device(hook):
-    """``execution_device`` of an accelerate hook, looking inside a ``SequentialHook``'s ``hooks``."""
-    dev = getattr(hook, "execution_device", None)
-    if dev is None:
-        for h in getattr(hook, "hooks", ()):
-            dev = _hook_device(h)
-            if dev is not None:
-                break
-    return dev
+_execution_device = execution_device  # the name older code imports from here
 
 
-def _execution_device(model: nn.Module, name: str) -> torch.device | None:
-    """Where a module computes: accelerate's execution device if it, a parent or (``cpu_offload``
-    hooks only the modules that own parameters) a child has one, else the device of its first real
-    parameter."""
-    parts = name.split(".") if name else []
-    module = model.get_submodule(name)
-    mods = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts), -1, -1)] + list(module.modules())
-    for mod in mods:
-        dev = _hook_device(getattr(mod, "_hf_hook", None))
-        if dev is not None:
-            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
-    for t in list(module.parameters()) + list(model.parameters()):
-        if t.device.type != "meta":
-            return t.device
-    return None
+def _check_runnable(model: nn.Module) -> None:
+    """Refuse (or warn about) a model whose forwards would not run the hooks about to be registered."""
+    params = list(model.parameters())
+    if params and all(p.device.type == "meta" for p in params) and not any(
+            getattr(m, "_hf_hook", None) is not None for m in model.modules()):
+        raise ValueError(f"every weight of this {type(model).__name__} is on the meta device and nothing loads "
+                         "them at run time: its forwards would run another model (an nnsight LanguageModel not "
+                         "yet dispatched loads a new one), never these hooks. Load the weights first (nnsight: "
+                         "LanguageModel(..., dispatch=True) or lm.dispatch()), then attach")
+    if getattr(model, "_compiled_call_impl", None) is not None or hasattr(model, "_orig_mod"):
+        warnings.warn(f"this {type(model).__name__} was compiled with torch.compile before attach: graphs "
+                      "compiled before the hooks existed may run without them (steer / splice / record would do "
+                      "nothing). Attach first and compile afterwards, or call torch._dynamo.reset() after attach.",
+                      stacklevel=4)
 
 
 class _SiteHook:
@@ -70,6 +73,25 @@ class _SiteHook:
             y = self.owner._process(self.hp, kwargs["hidden_states"])
             return None if y is None else (args, {**kwargs, "hidden_states": y})
         raise TypeError(f"{self.hp}: cannot find the input tensor (no positional tensor or hidden_states)")
+
+
+class Run(NamedTuple):
+    """One forward of :meth:`Hooked.run`."""
+
+    batch: dict
+    """The model inputs as run: on the model's device, ``position_ids`` added for padding."""
+    acts: dict
+    """key -> activation ``[B, T, d]`` at the hookpoint (empty with ``encode`` or ``visit``)."""
+    codes: dict
+    """key -> :class:`Codes` ``[B, T, k]`` of the activation (``encode=True``)."""
+    valid: Tensor
+    """``[B, T]`` bool: real tokens at least ``skip_positions`` into their row (train / measure these)."""
+    real: Tensor
+    """``[B, T]`` bool: not padding."""
+    positions: Tensor
+    """``[B, T]`` long: each token's position in its row (see :mod:`saehook.forward`)."""
+    output: object
+    """The model's output when the forward ran to the end (``stop_early=False``), else None."""
 
 
 class Hooked:
@@ -109,16 +131,25 @@ class Hooked:
         self._edits: list[Edit] = []
         self._taps: list = []  # callables (key, hookpoint, x) used by training while running
         self._replace = None  # callable (key, hookpoint, x) -> Tensor | None, see replacing()
-        self._positions: Tensor | None = None
+        self._fwd: ForwardState | None = None  # the current (or last) forward through the backbone
+        self._prompt_len: Tensor | None = None  # per row, learnt at the last prefill ("generated")
+        self._reached: set = set()  # keys whose hookpoint ran in the current call (see _end_call)
+        self._backbone_name = ""
         self._handles: list = []
         self._attach()
 
     # ------------------------------------------------------------------ attach / detach
     def _attach(self) -> None:
         try:
-            _, layers = find_layers(self.model)
-            self._handles.append(self.model.register_forward_pre_hook(self._reset_positions))
-            self._handles.append(layers[0].register_forward_pre_hook(self._capture_positions, with_kwargs=True))
+            _check_runnable(self.model)
+            layers_name, _ = find_layers(self.model)
+            # the backbone: the module that owns the decoder layers and receives the token inputs
+            self._backbone_name = layers_name.rpartition(".")[0]
+            backbone = self.model.get_submodule(self._backbone_name)
+            self._handles.append(self.model.register_forward_pre_hook(self._begin_call))
+            self._handles.append(backbone.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+            self._handles.append(backbone.register_forward_hook(self._end_backbone))
+            self._handles.append(self.model.register_forward_hook(self._end_call))
             for hp in self.hookpoints.values():
                 site = _SiteHook(self, hp)
                 if hp.site == "output":
@@ -149,28 +180,139 @@ class Hooked:
     def __exit__(self, *exc) -> None:
         self.detach()
 
-    def _capture_positions(self, module, args, kwargs):
-        pos = kwargs.get("position_ids")
-        if isinstance(pos, Tensor):
-            self._positions = pos if pos.dim() == 2 else pos.reshape(-1, pos.shape[-1])[:1]
-        else:
-            self._positions = None
+    # ------------------------------------------------------------------ the forward's tokens
+    def _begin_call(self, module, args):
+        self._reached = set()  # keys whose hookpoint ran during this call of the model
 
-    def _reset_positions(self, module, args):
-        self._positions = None  # a new forward: positions are known once the first layer has run
+    def _begin_forward(self, module, args, kwargs):
+        state, self._prompt_len = read_forward(module, args, kwargs, self._fwd, self._prompt_len)
+        self._fwd = state
+        self._reached = set()
 
-    def _positions_for(self, hp: Hookpoint, x: Tensor) -> Tensor:
-        """The model's position ids for this forward (captured at the first decoder layer); before that
-        layer has run (e.g. at the embeddings) the positions of the current input, ``0..T-1``."""
-        pos = self._positions
-        T = x.shape[-2] if x.dim() >= 2 else 1
-        if pos is not None and pos.shape[-1] == T:
-            return pos.to(x.device)
-        return torch.arange(T, device=x.device).unsqueeze(0)
+    def _state(self, x: Tensor) -> ForwardState:
+        """The current forward's token state, cut to the activation ``x`` (see :mod:`saehook.forward`)."""
+        st = self._fwd.cols(x) if self._fwd is not None else None
+        return st if st is not None else fallback_state(x)
+
+    def _unreached(self, inside_backbone: bool) -> list[Hookpoint]:
+        reached = self._reached
+        prefix = self._backbone_name + "." if self._backbone_name else ""
+        out = []
+        for e in self._edits:
+            for key in e.targets:
+                hp = self.hookpoints[key]
+                if key not in reached and (not inside_backbone or hp.name.startswith(prefix)) and hp not in out:
+                    out.append(hp)
+        return out
+
+    def _never_reached(self, hps: list[Hookpoint], what: str) -> None:
+        names = ", ".join(str(hp) for hp in hps)
+        raise RuntimeError(
+            f"an edit (splice / steer / ablate) is active on {names}, but this forward of {what} never ran "
+            f"{'that module' if len(hps) == 1 else 'those modules'}: the edit had no effect and the output is "
+            "not what the edit asks for. Was the module replaced after attach (e.g. by peft, or by assigning "
+            "a new layer), or does this model skip it? Attach again to the model as it runs now.")
+
+    def _end_backbone(self, module, args, output):
+        if self._edits:
+            missing = self._unreached(inside_backbone=True)
+            if missing:
+                self._never_reached(missing, type(module).__name__)
+
+    def _end_call(self, module, args, output):
+        if self._edits:
+            missing = self._unreached(inside_backbone=False)
+            if missing:
+                self._never_reached(missing, type(module).__name__)
+
+    def valid_mask(self, x: Tensor, skip_positions: int = 0) -> Tensor:
+        """``[B, T]`` bool for an activation ``x [B, T, d]`` of the current forward: the rows to train on or
+        measure. Real tokens (not padding), fed for the first time (``generate(use_cache=False)`` re-feeds
+        the sequence at every step), at least ``skip_positions`` into their row (left padding counts from
+        the first real token, the KV cache included)."""
+        st = self._state(x)
+        return valid_mask(st.real, st.positions, st.fresh, skip_positions)
+
+    def model_inputs(self, batch) -> dict:
+        """``batch`` (an ``input_ids`` tensor ``[B, T]`` / ``[T]`` or a dict for ``model(**batch)``) as the
+        model's inputs: on its device, without ``labels``, and, when padded without ``position_ids``, with
+        ``position_ids`` counted from each row's first real token (for models that take them), so that a
+        padded row computes what it computes alone."""
+        if isinstance(batch, Tensor):
+            batch = {"input_ids": batch if batch.dim() == 2 else batch.unsqueeze(0)}
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"a batch is an input_ids tensor or a dict for model(**batch), got {type(batch)}")
+        device = model_device(self.model)
+        out = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items() if k != "labels"}
+        mask = out.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2 and self._takes_position_ids():
+            add_position_ids(out, mask.bool())
+        return out
+
+    def _takes_position_ids(self) -> bool:
+        import inspect
+
+        try:
+            return "position_ids" in inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):
+            return False
+
+    def run(self, batch, *, skip_positions: int = 0, stop_early: bool = True, encode: bool = False,
+            visit: Callable[[Key, Tensor, Tensor], None] | None = None) -> Run:
+        """One forward over ``batch`` that reads every hookpoint: the one way through the model that
+        training, evaluation, examples, probes and explanations share.
+
+        Args:
+            batch: an ``input_ids`` tensor ``[B, T]`` or a dict for ``model(**batch)``; moved to the model's
+                device, ``position_ids`` added for padding (:meth:`model_inputs`).
+            skip_positions: ``valid`` leaves out each row's first ``skip_positions`` real tokens (BOS).
+            stop_early: stop the forward right after the deepest hookpoint has been read (no later layers,
+                no ``lm_head``); ``output`` is then None.
+            encode: keep each hookpoint's :class:`Codes` (``codes[key]``) instead of its activation.
+            visit: ``visit(key, x [B, T, d], valid [B, T])`` at each hookpoint as it is reached, instead of
+                keeping anything (streaming: one hookpoint's activation in memory at a time).
+
+        Active edits (splice, steer, ablate) act as in any forward; activations are read before them.
+        Returns a :class:`Run`. Raises ``RuntimeError`` if the forward never reached some hookpoint.
+        """
+        if not self.attached:
+            raise RuntimeError("these autoencoders are detached; use the context inside `with attach(...)`")
+        inputs = self.model_inputs(batch)
+        acts: dict = {}
+        codes: dict = {}
+        seen: set = set()
+
+        def tap(key, hp, x):
+            if visit is not None:
+                visit(key, x, self.valid_mask(x, skip_positions))
+            elif encode:
+                sae = self.saes[key]
+                codes[key] = sae.encode(x.to(sae.W_enc.dtype))
+            else:
+                acts[key] = x
+            seen.add(key)
+            if stop_early and len(seen) == len(self.saes):
+                raise StopForward
+
+        self._fwd = None
+        output = None
+        with self._tapping(tap), contextlib.suppress(StopForward):
+            output = self.model(**inputs)
+        missing = [str(self.hookpoints[k]) for k in self.saes if k not in seen]
+        if missing:
+            raise RuntimeError(f"the forward pass never reached hookpoints {missing}")
+        st = self._fwd
+        if st is None:
+            ids = inputs.get("input_ids")
+            st = fallback_state(ids.unsqueeze(-1)) if isinstance(ids, Tensor) else None
+        real = st.real if st is not None else None
+        valid = valid_mask(st.real, st.positions, st.fresh, skip_positions) if st is not None else None
+        return Run(inputs, acts, codes, valid, real, st.positions if st is not None else None, output)
 
     # ------------------------------------------------------------------ the hot path
     def _process(self, hp: Hookpoint, x: Tensor) -> Tensor | None:
         key = hp.key
+        self._reached.add(key)
         edits = [e for e in self._edits if key in e.targets]
         if not (self.record or edits or self._taps or self._replace):
             return None
@@ -181,8 +323,12 @@ class Hooked:
         if x.device != sae.W_enc.device:
             log.info("moving the autoencoder for %r to %s", key, x.device)
             sae.to(x.device)
-        for tap in self._taps:
-            tap(key, hp, x)
+        fwd = self._fwd
+        if self._taps and (fwd is None or key not in fwd.tapped):  # a re-run (checkpointing) is not re-fed
+            if fwd is not None:
+                fwd.tapped.add(key)
+            for tap in list(self._taps):
+                tap(key, hp, x)
         replaced = self._replace(key, hp, x) if self._replace is not None else None
         if replaced is not None:
             if replaced.shape != x.shape:
@@ -202,11 +348,11 @@ class Hooked:
         if not edits:
             return None
         x_hat = sae.decode(codes) if any(e.kind == "splice" for e in edits) else None
-        pos = self._positions_for(hp, x)
+        st = self._state(x)
         y = xs
         for e in edits:
             new = e.apply(key, sae, xs, y, codes, x_hat)
-            m = e.mask(pos)
+            m = e.mask(st.positions, st.length, st.generated, st.real)
             y = new if m is None else torch.where(m, new, y)
         return y.to(x.dtype)
 
@@ -266,7 +412,7 @@ class Hooked:
     def _pushed(self, edit: Edit) -> Iterator[Hooked]:
         if not self.attached:
             raise RuntimeError("these autoencoders are detached; use the context inside `with attach(...)`")
-        check_positions(edit.positions)
+        edit.positions = check_positions(edit.positions)
         self._edits.append(edit)
         try:
             yield self

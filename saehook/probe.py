@@ -19,7 +19,6 @@ its autoencoders, averaged over 61 tasks.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -159,19 +158,13 @@ def document_features(model, saes: Mapping[Key, TopKSAE], docs: Sequence[Sequenc
 
     Documents are right-padded into batches; each forward stops after the deepest hookpoint. A document
     with no evaluated token gets zeros."""
-    from .evaluate import position_masks
-    from .training import StopForward, _model_device
-
     if reduce not in ("mean", "max"):
         raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
     hooked = attach(model, saes, record=False)
-    model = hooked.model  # the torch module behind a wrapper
     feats: dict = {key: ([], []) for key in hooked.saes}
-    device = _model_device(hooked.model)
-    state: dict = {}
 
-    def tap(key, hp, x):
-        sae, keep = hooked.saes[key], state["keep"]  # keep [B, T]
+    def visit(key, x, keep):  # keep [B, T]: the evaluated tokens
+        sae = hooked.saes[key]
         codes = sae.encode(x.to(sae.W_enc.dtype))
         z = torch.zeros(*x.shape[:-1], sae.n_latents, dtype=codes.values.dtype, device=x.device)
         z.scatter_(-1, codes.indices, codes.values)  # [B, T, n]
@@ -187,9 +180,6 @@ def document_features(model, saes: Mapping[Key, TopKSAE], docs: Sequence[Sequenc
             lat, res = lat.masked_fill(empty, 0.0), res.masked_fill(empty, 0.0)
         feats[key][0].append(lat.float().cpu())
         feats[key][1].append(res.float().cpu())
-        state["seen"].add(key)
-        if len(state["seen"]) == len(feats):
-            raise StopForward
 
     try:
         for i in range(0, len(docs), batch_size):
@@ -199,11 +189,7 @@ def document_features(model, saes: Mapping[Key, TopKSAE], docs: Sequence[Sequenc
             mask = torch.zeros(len(chunk), T, dtype=torch.long)
             for r, d in enumerate(chunk):
                 ids[r, :len(d)], mask[r, :len(d)] = torch.tensor(d, dtype=torch.long), 1
-            batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-            state["keep"], _ = position_masks(batch, skip_positions)
-            state["seen"] = set()
-            with hooked._tapping(tap), contextlib.suppress(StopForward):
-                model(**batch)
+            hooked.run({"input_ids": ids, "attention_mask": mask}, skip_positions=skip_positions, visit=visit)
     finally:
         hooked.detach()
     return {key: (torch.cat(lat), torch.cat(res)) for key, (lat, res) in feats.items()}

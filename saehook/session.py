@@ -31,15 +31,12 @@ from torch import Tensor
 from . import distributed as D
 from .buffer import ShuffleBuffer
 from .config import TrainConfig
+from .forward import StopForward
 from .hookpoints import hookpoint_dirname
 from .sae import _atomic_write
 from .trainer import SAETrainer
 
 log = logging.getLogger(__name__)
-
-
-class StopForward(Exception):
-    """Raised inside the model once every hookpoint has been read: the rest of the pass is skipped."""
 
 
 class TrainingSession:
@@ -66,41 +63,39 @@ class TrainingSession:
                                             dist=dist if shard == "data" else None)
             self.buffers[key] = ShuffleBuffer(sae.d_in, per_rank, config.shuffle_buffer,
                                               seed=config.seed + i + 7919 * rank, device=sae.W_enc.device)
-        self.attention_mask: Tensor | None = None
         self.seen: set = set()
         self.last: dict = {}
         self.on_step = None  # callback(key, metrics)
 
     # ------------------------------------------------------------------ feeding
     def valid_rows(self, hp, x: Tensor) -> Tensor:
-        """Rows of ``x [B, T, d]`` to train on: not padding, not among the first ``skip_positions``."""
-        skip = self.cfg.skip_positions
-        if x.dim() == 2:
-            return x
-        mask = self.attention_mask
-        if mask is not None and mask.shape == x.shape[:2]:
-            mask = mask.to(x.device).bool()
-            pos = mask.long().cumsum(-1) - 1
-            keep = mask & (pos >= skip)
-        else:
-            keep = (self.hooked._positions_for(hp, x) >= skip).expand(x.shape[:2])
-        return x[keep]
+        """Rows of the current forward's activation ``x [B, T, d]`` to train on: real tokens fed for the first
+        time, not among the first ``skip_positions`` of their row (:meth:`saehook.Hooked.valid_mask`)."""
+        return x if x.dim() == 2 else x[self.hooked.valid_mask(x, self.cfg.skip_positions)]
 
     def tap(self, key, hp, x: Tensor) -> None:
-        """Called by the hook at ``hp`` with its activation ``x``: keep the valid rows for training (sent to
-        the owner rank when layers are sharded); stop the forward once every hookpoint was read."""
-        rows = self.valid_rows(hp, x)
-        if self.cfg.nan_policy == "raise" and not bool(torch.isfinite(rows).all()):
-            step = self.trainers[key].step_count if key in self.trainers else "?"
-            raise FloatingPointError(f"non-finite activations at step {step} for {hp}")
-        if self.dist is not None and self.shard == "layers":
-            rows = D.gather_rows(rows.float().contiguous(), dst=self.owner[key])
-        if key in self.buffers:
-            self.buffers[key].add(rows)
+        """Called by the hook at ``hp`` with its activation ``x`` during a forward the user runs (inside
+        :meth:`saehook.Hooked.training`): feed its valid rows; stop the forward once every hookpoint was read
+        when ``stop_early``."""
+        self.feed(key, self.valid_rows(hp, x))
         self.seen.add(key)
         if self.stop_early and len(self.seen) == len(self.owner):
             self.seen = set()
             raise StopForward
+
+    def feed(self, key, rows: Tensor, valid: Tensor | None = None) -> None:
+        """Keep rows for training: ``rows [n, d]``, or an activation ``[B, T, d]`` and its ``valid [B, T]``
+        mask (as :meth:`saehook.Hooked.run` hands them to ``visit``); sent to the owner rank when layers are
+        sharded."""
+        if valid is not None:
+            rows = rows[valid] if rows.dim() == 3 else rows
+        if self.cfg.nan_policy == "raise" and not bool(torch.isfinite(rows).all()):
+            step = self.trainers[key].step_count if key in self.trainers else "?"
+            raise FloatingPointError(f"non-finite activations at step {step} for {self.hooked.hookpoints[key]}")
+        if self.dist is not None and self.shard == "layers":
+            rows = D.gather_rows(rows.float().contiguous(), dst=self.owner[key])
+        if key in self.buffers:
+            self.buffers[key].add(rows)
 
     def drain(self, flush: bool = False) -> int:
         """Train on full batches; returns the number of steps taken by the first trained hookpoint."""

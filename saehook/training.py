@@ -17,7 +17,6 @@ Run layout (``out``)::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -31,7 +30,9 @@ from torch import Tensor
 
 from . import distributed as D
 from .config import TrainConfig
-from .session import StopForward, TrainingSession, hookpoint_dirname
+from .forward import StopForward
+from .forward import model_device as _model_device
+from .session import TrainingSession, hookpoint_dirname
 
 __all__ = ["StopForward", "TrainReport", "TrainingSession", "collect_activations", "hookpoint_dirname",
            "iter_batches", "train"]
@@ -64,28 +65,18 @@ def collect_activations(hooked, source, tokens: int, *, batch_size: int = 8, ski
     """Run forward passes over ``source`` until ``tokens`` rows per hookpoint are gathered (first
     ``skip_positions`` and padding excluded, each pass stopped after the deepest hookpoint); returns
     ``{key: Tensor [tokens, d]}`` on the CPU. For sweeps that train many autoencoders on the same data."""
-    session = TrainingSession(hooked, TrainConfig(skip_positions=skip_positions, shuffle_buffer=0),
-                              stop_early=True)
     rows: dict = {key: [] for key in hooked.saes}
     counts = dict.fromkeys(hooked.saes, 0)
 
-    def tap(key, hp, x):
-        r = session.valid_rows(hp, x).float().cpu()
+    def visit(key, x, valid):
+        r = x[valid].float().cpu()
         rows[key].append(r)
         counts[key] += len(r)
-        session.seen.add(key)
-        if len(session.seen) == len(rows):
-            session.seen = set()
-            raise StopForward
 
-    device = _model_device(hooked.model)
-    with hooked._tapping(tap):
-        for batch in iter_batches(source, batch_size=batch_size):
-            if min(counts.values()) >= tokens:
-                break
-            session.attention_mask = batch.get("attention_mask")
-            with contextlib.suppress(StopForward):
-                hooked.model(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()})
+    for batch in iter_batches(source, batch_size=batch_size):
+        if min(counts.values()) >= tokens:
+            break
+        hooked.run(batch, skip_positions=skip_positions, visit=visit)
     return {key: torch.cat(r)[:tokens] for key, r in rows.items()}
 
 
@@ -125,18 +116,12 @@ def iter_batches(source, *, batch_size: int = 8, start: int = 0) -> Iterator[dic
             raise TypeError(f"source items must be input_ids tensors or dicts for model(**batch), got {type(item)}")
 
 
-def _model_device(model) -> torch.device:
-    from .hooks import _execution_device
-
-    return _execution_device(model, "") or torch.device("cpu")
-
-
 def _plan_e2e_steps(session: TrainingSession, batch: dict, tokens: int, local_tokens: int) -> None:
     """With an end-to-end phase the run's steps no longer all have ``batch_tokens`` rows: set each trainer's
     ``total_steps`` (its learning-rate schedule) to the steps of the first ``local_tokens`` plus one step
     per model batch for the rest, counted with this batch's evaluated rows (the same for every batch of a
     corpus). It depends only on the batch, so a resumed run plans as the uninterrupted one did."""
-    from .evaluate import position_masks
+    from .forward import position_masks
 
     rows = max(int(position_masks(batch, session.cfg.skip_positions)[0].sum()), 1)
     for tr in session.trainers.values():
@@ -260,21 +245,18 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
     # data parallel: rank r reads batches r, r + world, ... of the stream; layer sharding likewise
     stream = islice(iter_batches(source, batch_size=batch_size, start=position), rank, None, world)
     try:
-        with hooked._tapping(session.tap):
-            while session.tokens < local_tokens:
-                batch = next(stream, None)
-                if not all_min(batch is not None):  # every rank stops when one runs out
-                    break
-                batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-                if cfg.e2e_fraction > 0:
-                    _plan_e2e_steps(session, batch, tokens, local_tokens)
-                session.attention_mask = batch.get("attention_mask")
-                session.seen = set()
-                with torch.no_grad(), contextlib.suppress(StopForward):
-                    hooked.model(**batch)
-                position += world
-                session.drain()
-                after_batch()
+        while session.tokens < local_tokens:
+            batch = next(stream, None)
+            if not all_min(batch is not None):  # every rank stops when one runs out
+                break
+            batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+            if cfg.e2e_fraction > 0:
+                _plan_e2e_steps(session, batch, tokens, local_tokens)
+            with torch.no_grad():
+                hooked.run(batch, skip_positions=cfg.skip_positions, visit=session.feed)
+            position += world
+            session.drain()
+            after_batch()
         if session.tokens < tokens and cfg.e2e_fraction > 0:
             from .e2e import e2e_step
 

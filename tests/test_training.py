@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_model
 
 import saehook
+import saehook.forward
 from saehook import SAETrainer, TopKSAE, TrainConfig
 from saehook.trainer import NonFiniteError
 
@@ -154,7 +155,7 @@ def test_padding_and_first_positions_excluded():
         from saehook.training import TrainingSession
 
         s = TrainingSession(hooked, small_cfg(skip_positions=1))
-        s.attention_mask = mask
+        model(ids, attention_mask=mask)  # the forward whose rows valid_rows picks
         x = torch.arange(4 * 10).float().reshape(4, 10, 1).expand(4, 10, 32)
         rows = s.valid_rows(hooked.hookpoints[1], x)
     # row 0 keeps positions 5..9 (4 pads + its first real token dropped); others 1..9
@@ -342,3 +343,80 @@ def test_new_options_round_trip_through_checkpoint_and_resume(tmp_path, kw):
     with pytest.raises(Interrupt):
         train_tiny(tmp_path / "b", dying(17), cfg)
     assert_same_weights(full, train_tiny(tmp_path / "b", source(60), cfg, resume=True))
+
+
+def _fed_rows(session, key=1) -> torch.Tensor:
+    buf = session.buffers[key]
+    return torch.cat(buf.rows) if buf.rows else torch.zeros(0, buf.d)
+
+
+def _layer_out(model, ids, mask, layer=1):
+    """The clean output of decoder layer ``layer`` (rows as the row alone computes them)."""
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    return model(ids, attention_mask=mask, position_ids=pos, output_hidden_states=True).hidden_states[layer + 1]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_training_context_feeds_each_real_token_once(side):
+    """Fault kind 2 (failed before: 14 rows, padding and a left-padded row's first real token, instead of
+    11): ``hooked.training()`` around the user's own ``model(**batch)`` feeds exactly the rows ``train()``
+    feeds: real tokens, each row's first ``skip_positions`` left out."""
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 128, (2, 8), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0 if side == "left" else 1
+    if side == "right":
+        mask[1, 5:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    expected = _layer_out(model, ids, mask)[saehook.forward.position_masks(batch, 1)[0]]  # [11, d]
+    cfg = small_cfg(batch_tokens=10**6, shuffle_buffer=0)
+    with saehook.attach(model, {1: TopKSAE(32, 64, 4)}) as hooked, hooked.training(cfg) as session:
+        model(**batch)
+    assert len(expected) == 11
+    torch.testing.assert_close(_fed_rows(session), expected, atol=1e-5, rtol=1e-5)
+    with saehook.attach(model, {1: TopKSAE(32, 64, 4)}) as hooked:  # train() takes the same rows
+        collected = saehook.training.collect_activations(hooked, [batch], tokens=100)[1]
+    torch.testing.assert_close(collected, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["no_cache", "chunked_prefill"])
+def test_training_while_generating_feeds_each_token_once(how):
+    """Generation without the cache re-feeds the whole sequence at every step, chunked prefill feeds the
+    prompt in pieces: either way every real token is fed once, as with the cache (failed before: without the
+    cache the prompt was fed at every step)."""
+    model = tiny_model("llama")
+    prompt = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    cfg = small_cfg(batch_tokens=10**6, shuffle_buffer=0)
+    fed = {}
+    for mode, extra in [("cache", {}), (how, {"use_cache": False} if how == "no_cache" else
+                                         {"prefill_chunk_size": 2})]:
+        with saehook.attach(model, {1: TopKSAE(32, 64, 4)}) as hooked, hooked.training(cfg) as session:
+            out = model.generate(prompt, **kw, **extra)
+        fed[mode] = _fed_rows(session)
+    assert len(fed["cache"]) == (6 - 1) + (4 - 1) + 2 * 5 - 2  # real prompt rows minus BOS, new tokens but the last
+    torch.testing.assert_close(fed[how].sum(0), fed["cache"].sum(0), atol=1e-4, rtol=1e-4)
+    assert len(fed[how]) == len(fed["cache"])
+    full_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1)
+    rows = _layer_out(model, out[:, :-1], full_mask)
+    keep = full_mask.bool() & (full_mask.cumsum(-1) - 1 >= 1)
+    torch.testing.assert_close(fed["cache"].sum(0), rows[keep].sum(0), atol=1e-4, rtol=1e-4)
+
+
+def test_activation_checkpointing_does_not_feed_twice():
+    """A forward re-run during backward (activation checkpointing) reaches the hooks again; its rows are
+    not fed a second time."""
+    model = tiny_model("llama")
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train().requires_grad_(True)
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(2))
+    cfg = small_cfg(batch_tokens=10**6, shuffle_buffer=0)
+    with saehook.attach(model, {1: TopKSAE(32, 64, 4)}) as hooked, hooked.training(cfg) as session:
+        model(ids, labels=ids).loss.backward()
+    assert len(_fed_rows(session)) == 2 * 7
