@@ -77,6 +77,11 @@ def test_other_shapes_and_repeats_are_refused():
     with pytest.raises(ValueError, match=r"latents \[5\] given more than once"):
         latent_ids([5, np.int64(5)], N, "ablate")  # ablating 5 twice would remove its share twice
     assert latent_ids([], N, "ablate") == []
+    with pytest.raises(TypeError, match=r"latent id True is a bool"):
+        latent_ids(torch.tensor([True, False]), N, "ablate")
+    with pytest.raises(TypeError, match=r"latent id 5\.0 is not an integer"):
+        latent_ids(np.array([5.0]), N, "ablate")
+    assert latent_ids(torch.arange(N), N, "ablate") == list(range(N))
 
 
 def logits(model, ids, sae, ctx):
