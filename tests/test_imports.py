@@ -15,9 +15,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "saehook"
-# Known, being untangled: hooks -> training (Hooked.train) -> hooks / evaluate (device helper, masks) and e2e,
-# removed by the refactor that gives Hooked one way through the model (issue 15). Delete the entry once it lands.
-KNOWN_CYCLES = [frozenset({"saehook.hooks", "saehook.training", "saehook.evaluate", "saehook.e2e"})]
 
 
 def modules() -> dict[str, tuple[Path, bool]]:
@@ -118,8 +115,8 @@ def test_the_graph_reader_sees_lazy_imports_and_skips_type_checking():
 
 
 def test_no_import_cycles_in_the_package():
-    new = [sorted(c) for c in cycles(import_graph()) if not any(c <= known for known in KNOWN_CYCLES)]
-    assert not new, f"import cycles among saehook modules: {new}"
+    found = [sorted(c) for c in cycles(import_graph())]
+    assert not found, f"import cycles among saehook modules: {found}"
 
 
 def test_library_code_never_imports_the_cli():
