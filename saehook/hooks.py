@@ -206,12 +206,21 @@ class Hooked:
         return out
 
     def _never_reached(self, hps: list[Hookpoint], what: str) -> None:
+        """An active edit had no effect in this forward: raise if its module is no longer the model's (replaced
+        after attach), warn if the model merely skipped it this time (e.g. an MoE expert that got no token)."""
         names = ", ".join(str(hp) for hp in hps)
-        raise RuntimeError(
-            f"an edit (splice / steer / ablate) is active on {names}, but this forward of {what} never ran "
-            f"{'that module' if len(hps) == 1 else 'those modules'}: the edit had no effect and the output is "
-            "not what the edit asks for. Was the module replaced after attach (e.g. by peft, or by assigning "
-            "a new layer), or does this model skip it? Attach again to the model as it runs now.")
+        modules = dict(self.model.named_modules())
+        replaced = [hp for hp in hps if modules.get(hp.name) is not hp.module]
+        if replaced:
+            raise RuntimeError(
+                f"an edit (splice / steer / ablate) is active on {', '.join(str(hp) for hp in replaced)}, but this "
+                f"forward of {what} never ran the module attached there: it was replaced after attach (by peft, or "
+                "by assigning a new module), so the edit had no effect and the output is not what it asks for. "
+                "Attach again to the model as it runs now.")
+        warnings.warn(f"an edit (splice / steer / ablate) is active on {names}, but this forward of {what} never "
+                      "ran it (the model skipped the module, e.g. an expert that received no token, or an early "
+                      "exit): the edit had no effect on this forward. Hook a module every forward runs to edit "
+                      "every forward.", RuntimeWarning, stacklevel=3)
 
     def _end_backbone(self, module, args, output):
         if self._edits:

@@ -169,8 +169,24 @@ def test_an_edit_on_a_module_the_forward_never_runs_raises():
         with hooked.splice(), pytest.raises(RuntimeError, match="model.layers.1"):
             model.model(ids)  # the backbone called alone checks too
         model.model.layers[1] = old
-        with hooked.steer({1: {3: 6.0}}):
-            model(ids)  # reached again: fine
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with hooked.steer({1: {3: 6.0}}):
+                model(ids)  # reached again: fine
+
+
+def test_an_edit_on_a_module_this_forward_skips_warns():
+    """Kind 5: a module still in the model that a forward does not run (an MoE expert without tokens, an early
+    exit; here the last layer of a model run with fewer layers) warns that the edit had no effect."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with attach(model, {2: sae_for()}) as hooked, hooked.steer({2: {3: 6.0}}):
+        model.config.num_hidden_layers = 2  # Llama runs layers[:num_hidden_layers]: the third stays, unused
+        try:
+            with pytest.warns(RuntimeWarning, match=r"model.layers.2.*never ran it"):
+                model(ids)
+        finally:
+            model.config.num_hidden_layers = 3
 
 
 def test_attach_refuses_a_model_that_cannot_run_and_warns_about_a_compiled_one():
