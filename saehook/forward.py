@@ -28,14 +28,16 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ForwardState", "StopForward", "add_position_ids", "execution_device", "kl_divergence", "loss_mask",
-           "model_device", "next_token_logprobs", "position_masks", "valid_mask"]
+__all__ = ["ForwardState", "StopForward", "TokenTracker", "add_position_ids", "check_runnable", "execution_device",
+           "kl_divergence", "loss_mask", "model_device", "next_token_logprobs", "position_masks", "valid_mask"]
 
 
 class StopForward(Exception):
@@ -199,7 +201,7 @@ def _generation_phase() -> tuple[str | None, Tensor | None]:
                     mask = (loc.get("model_kwargs") or {}).get("attention_mask")
                 if isinstance(mask, Tensor) and mask.dim() == 2:
                     return "prefill", mask.bool().sum(-1)
-                if isinstance(ids, Tensor) and ids.dim() == 2:
+                if isinstance(ids, Tensor) and ids.dim() == 2 and ids.shape[1] > 0:  # (empty with inputs_embeds)
                     return "prefill", torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
                 return "prefill", None
             if code.co_name == "generate":
@@ -249,7 +251,7 @@ def read_forward(module: nn.Module, args: tuple, kwargs: dict, prev: ForwardStat
     dev = ids.device
     cache = kw.get("cache", kw.get("past_key_values"))
     mask = kw.get("attention_mask")
-    mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] == B else None
+    mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] == B and mask.shape[1] >= T else None
     past = mask.shape[1] - T if mask is not None and mask.shape[1] > T else _cache_length(cache)
     pos_ids = kw.get("position_ids")
     if isinstance(pos_ids, Tensor) and pos_ids.dim() == 3:  # [3, B, T] multimodal rotary: the text axis
@@ -285,3 +287,61 @@ def read_forward(module: nn.Module, args: tuple, kwargs: dict, prev: ForwardStat
     generated = (positions >= prompt_len.to(dev).unsqueeze(-1)) & real
     length = prompt_len.to(dev)
     return ForwardState(positions, real, length, end, fresh, generated, phase), prompt_len
+
+
+# ---------------------------------------------------------------------------------------------- the tracker
+class TokenTracker:
+    """The :class:`ForwardState` of each forward through one model, kept by four torch hooks: a pre-hook on
+    the model and one on its backbone (the module owning the decoder layers) read the inputs; forward hooks on
+    both report which hookpoints the forward reached (``reached``, filled by the hookpoints) to ``on_end``.
+    """
+
+    def __init__(self, on_end: Callable[[set, str | None, str], None]):
+        self.on_end = on_end
+        """``on_end(reached, inside, what)`` after a forward: ``inside`` is the backbone's path after a forward of
+        the backbone, None after one of the whole model; ``what`` the module's class name."""
+        self.current: ForwardState | None = None
+        """The current (or last) forward's state."""
+        self.prompt_len: Tensor | None = None
+        """Per row, learnt at the last prefill."""
+        self.reached: set = set()
+        """Keys whose hookpoint ran during the current call."""
+        self.backbone = ""
+
+    def register(self, model: nn.Module, layers_name: str) -> list:
+        """Register the hooks on ``model`` and on the parent of its decoder layers; returns their handles."""
+        self.backbone = layers_name.rpartition(".")[0]
+        bb = model.get_submodule(self.backbone)
+        return [model.register_forward_pre_hook(self._begin_call),
+                bb.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
+                bb.register_forward_hook(lambda m, a, o: self.on_end(self.reached, self.backbone, type(m).__name__)),
+                model.register_forward_hook(lambda m, a, o: self.on_end(self.reached, None, type(m).__name__))]
+
+    def _begin_call(self, module, args):
+        self.reached = set()
+
+    def _begin_forward(self, module, args, kwargs):
+        self.current, self.prompt_len = read_forward(module, args, kwargs, self.current, self.prompt_len)
+        self.reached = set()
+
+    def state(self, x: Tensor) -> ForwardState:
+        """The current forward's state cut to the activation ``x [B, T', d]`` (``0..T'-1`` when ``x`` belongs to
+        no forward of the backbone, e.g. a module called alone)."""
+        st = self.current.cols(x) if self.current is not None else None
+        return st if st is not None else fallback_state(x)
+
+
+def check_runnable(model: nn.Module) -> None:
+    """Refuse (or warn about) a model whose forwards would not run the hooks about to be registered."""
+    params = list(model.parameters())
+    if params and all(p.device.type == "meta" for p in params) and not any(
+            getattr(m, "_hf_hook", None) is not None for m in model.modules()):
+        raise ValueError(f"every weight of this {type(model).__name__} is on the meta device and nothing loads "
+                         "them at run time: its forwards would run another model (an nnsight LanguageModel not "
+                         "yet dispatched loads a new one), never these hooks. Load the weights first (nnsight: "
+                         "LanguageModel(..., dispatch=True) or lm.dispatch()), then attach")
+    if getattr(model, "_compiled_call_impl", None) is not None or hasattr(model, "_orig_mod"):
+        warnings.warn(f"this {type(model).__name__} was compiled with torch.compile before attach: graphs "
+                      "compiled before the hooks existed may run without them (steer / splice / record would do "
+                      "nothing). Attach first and compile afterwards, or call torch._dynamo.reset() after attach.",
+                      stacklevel=5)

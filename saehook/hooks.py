@@ -8,23 +8,25 @@ One :class:`Hooked` owns every hook it registers (torch's own ``register_forward
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .edits import Edit, Positions, check_positions, latent_ids
 from .forward import (
     ForwardState,
     StopForward,
+    TokenTracker,
     add_position_ids,
+    check_runnable,
     execution_device,
     fallback_state,
     model_device,
-    read_forward,
     valid_mask,
 )
 from .hookpoints import Hookpoint, Key, find_layers, resolve, unwrap
@@ -34,22 +36,6 @@ log = logging.getLogger(__name__)
 
 
 _execution_device = execution_device  # the name older code imports from here
-
-
-def _check_runnable(model: nn.Module) -> None:
-    """Refuse (or warn about) a model whose forwards would not run the hooks about to be registered."""
-    params = list(model.parameters())
-    if params and all(p.device.type == "meta" for p in params) and not any(
-            getattr(m, "_hf_hook", None) is not None for m in model.modules()):
-        raise ValueError(f"every weight of this {type(model).__name__} is on the meta device and nothing loads "
-                         "them at run time: its forwards would run another model (an nnsight LanguageModel not "
-                         "yet dispatched loads a new one), never these hooks. Load the weights first (nnsight: "
-                         "LanguageModel(..., dispatch=True) or lm.dispatch()), then attach")
-    if getattr(model, "_compiled_call_impl", None) is not None or hasattr(model, "_orig_mod"):
-        warnings.warn(f"this {type(model).__name__} was compiled with torch.compile before attach: graphs "
-                      "compiled before the hooks existed may run without them (steer / splice / record would do "
-                      "nothing). Attach first and compile afterwards, or call torch._dynamo.reset() after attach.",
-                      stacklevel=4)
 
 
 class _SiteHook:
@@ -131,25 +117,16 @@ class Hooked:
         self._edits: list[Edit] = []
         self._taps: list = []  # callables (key, hookpoint, x) used by training while running
         self._replace = None  # callable (key, hookpoint, x) -> Tensor | None, see replacing()
-        self._fwd: ForwardState | None = None  # the current (or last) forward through the backbone
-        self._prompt_len: Tensor | None = None  # per row, learnt at the last prefill ("generated")
-        self._reached: set = set()  # keys whose hookpoint ran in the current call (see _end_call)
-        self._backbone_name = ""
+        self._tokens = TokenTracker(self._check_edits_reached)  # positions, padding, prompt of each forward
+        self._position_ids_ok: bool | None = None  # whether model.forward takes position_ids (model_inputs)
         self._handles: list = []
         self._attach()
 
     # ------------------------------------------------------------------ attach / detach
     def _attach(self) -> None:
         try:
-            _check_runnable(self.model)
-            layers_name, _ = find_layers(self.model)
-            # the backbone: the module that owns the decoder layers and receives the token inputs
-            self._backbone_name = layers_name.rpartition(".")[0]
-            backbone = self.model.get_submodule(self._backbone_name)
-            self._handles.append(self.model.register_forward_pre_hook(self._begin_call))
-            self._handles.append(backbone.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
-            self._handles.append(backbone.register_forward_hook(self._end_backbone))
-            self._handles.append(self.model.register_forward_hook(self._end_call))
+            check_runnable(self.model)
+            self._handles += self._tokens.register(self.model, find_layers(self.model)[0])
             for hp in self.hookpoints.values():
                 site = _SiteHook(self, hp)
                 if hp.site == "output":
@@ -181,58 +158,36 @@ class Hooked:
         self.detach()
 
     # ------------------------------------------------------------------ the forward's tokens
-    def _begin_call(self, module, args):
-        self._reached = set()  # keys whose hookpoint ran during this call of the model
-
-    def _begin_forward(self, module, args, kwargs):
-        state, self._prompt_len = read_forward(module, args, kwargs, self._fwd, self._prompt_len)
-        self._fwd = state
-        self._reached = set()
-
     def _state(self, x: Tensor) -> ForwardState:
         """The current forward's token state, cut to the activation ``x`` (see :mod:`saehook.forward`)."""
-        st = self._fwd.cols(x) if self._fwd is not None else None
-        return st if st is not None else fallback_state(x)
+        return self._tokens.state(x)
 
-    def _unreached(self, inside_backbone: bool) -> list[Hookpoint]:
-        reached = self._reached
-        prefix = self._backbone_name + "." if self._backbone_name else ""
-        out = []
+    def _check_edits_reached(self, reached: set, inside: str | None, what: str) -> None:
+        """After a forward of the model (``inside=None``) or of its decoder stack (``inside`` = its path):
+        an active edit whose hookpoint (within ``inside``) never ran had no effect. Raise if its module is no
+        longer the model's (replaced after attach), warn if the model merely skipped it this time (e.g. an
+        MoE expert that got no token, an early exit)."""
+        prefix = inside + "." if inside else ""
+        hps = []
         for e in self._edits:
             for key in e.targets:
                 hp = self.hookpoints[key]
-                if key not in reached and (not inside_backbone or hp.name.startswith(prefix)) and hp not in out:
-                    out.append(hp)
-        return out
-
-    def _never_reached(self, hps: list[Hookpoint], what: str) -> None:
-        """An active edit had no effect in this forward: raise if its module is no longer the model's (replaced
-        after attach), warn if the model merely skipped it this time (e.g. an MoE expert that got no token)."""
-        names = ", ".join(str(hp) for hp in hps)
+                if key not in reached and hp.name.startswith(prefix) and hp not in hps:
+                    hps.append(hp)
+        if not hps:
+            return
         modules = dict(self.model.named_modules())
-        replaced = [hp for hp in hps if modules.get(hp.name) is not hp.module]
+        replaced = [str(hp) for hp in hps if modules.get(hp.name) is not hp.module]
         if replaced:
             raise RuntimeError(
-                f"an edit (splice / steer / ablate) is active on {', '.join(str(hp) for hp in replaced)}, but this "
-                f"forward of {what} never ran the module attached there: it was replaced after attach (by peft, or "
-                "by assigning a new module), so the edit had no effect and the output is not what it asks for. "
-                "Attach again to the model as it runs now.")
-        warnings.warn(f"an edit (splice / steer / ablate) is active on {names}, but this forward of {what} never "
-                      "ran it (the model skipped the module, e.g. an expert that received no token, or an early "
-                      "exit): the edit had no effect on this forward. Hook a module every forward runs to edit "
-                      "every forward.", RuntimeWarning, stacklevel=3)
-
-    def _end_backbone(self, module, args, output):
-        if self._edits:
-            missing = self._unreached(inside_backbone=True)
-            if missing:
-                self._never_reached(missing, type(module).__name__)
-
-    def _end_call(self, module, args, output):
-        if self._edits:
-            missing = self._unreached(inside_backbone=False)
-            if missing:
-                self._never_reached(missing, type(module).__name__)
+                f"an edit (splice / steer / ablate) is active on {', '.join(replaced)}, but this forward of {what} "
+                "never ran the module attached there: it was replaced after attach (by peft, or by assigning a new "
+                "module), so the edit had no effect and the output is not what it asks for. Attach again to the "
+                "model as it runs now.")
+        warnings.warn(f"an edit (splice / steer / ablate) is active on {', '.join(str(hp) for hp in hps)}, but this "
+                      f"forward of {what} never ran it (the model skipped the module, e.g. an expert that received no "
+                      "token, or an early exit): the edit had no effect on this forward. Hook a module every forward "
+                      "runs to edit every forward.", RuntimeWarning, stacklevel=4)
 
     def valid_mask(self, x: Tensor, skip_positions: int = 0) -> Tensor:
         """``[B, T]`` bool for an activation ``x [B, T, d]`` of the current forward: the rows to train on or
@@ -259,12 +214,12 @@ class Hooked:
         return out
 
     def _takes_position_ids(self) -> bool:
-        import inspect
-
-        try:
-            return "position_ids" in inspect.signature(self.model.forward).parameters
-        except (TypeError, ValueError):
-            return False
+        if self._position_ids_ok is None:
+            try:
+                self._position_ids_ok = "position_ids" in inspect.signature(self.model.forward).parameters
+            except (TypeError, ValueError):
+                self._position_ids_ok = False
+        return self._position_ids_ok
 
     def run(self, batch, *, skip_positions: int = 0, stop_early: bool = True, encode: bool = False,
             visit: Callable[[Key, Tensor, Tensor], None] | None = None) -> Run:
@@ -303,14 +258,14 @@ class Hooked:
             if stop_early and len(seen) == len(self.saes):
                 raise StopForward
 
-        self._fwd = None
+        self._tokens.current = None
         output = None
         with self._tapping(tap), contextlib.suppress(StopForward):
             output = self.model(**inputs)
         missing = [str(self.hookpoints[k]) for k in self.saes if k not in seen]
         if missing:
             raise RuntimeError(f"the forward pass never reached hookpoints {missing}")
-        st = self._fwd
+        st = self._tokens.current
         if st is None:
             ids = inputs.get("input_ids")
             st = fallback_state(ids.unsqueeze(-1)) if isinstance(ids, Tensor) else None
@@ -321,7 +276,7 @@ class Hooked:
     # ------------------------------------------------------------------ the hot path
     def _process(self, hp: Hookpoint, x: Tensor) -> Tensor | None:
         key = hp.key
-        self._reached.add(key)
+        self._tokens.reached.add(key)
         edits = [e for e in self._edits if key in e.targets]
         if not (self.record or edits or self._taps or self._replace):
             return None
@@ -332,7 +287,7 @@ class Hooked:
         if x.device != sae.W_enc.device:
             log.info("moving the autoencoder for %r to %s", key, x.device)
             sae.to(x.device)
-        fwd = self._fwd
+        fwd = self._tokens.current
         if self._taps and (fwd is None or key not in fwd.tapped):  # a re-run (checkpointing) is not re-fed
             if fwd is not None:
                 fwd.tapped.add(key)
