@@ -434,8 +434,11 @@ class Hooked:
     def training(self, config=None, *, total_tokens: int | None = None):
         """Train while you run: inside, every forward through the model (your own passes, an evaluation
         loop, ``generate``) feeds the autoencoders, which take an optimizer step whenever a batch of
-        ``config.batch_tokens`` rows is full. Yields the :class:`~saehook.training.TrainingSession`
-        (its ``trainers[key]`` hold step counts and ``last[key]`` the latest metrics)."""
+        ``config.batch_tokens`` rows is full. The rows are those :meth:`train` takes (:meth:`valid_mask`):
+        each real token once, never padding nor a row's first ``config.skip_positions`` tokens, nothing
+        again when ``generate(use_cache=False)`` or activation checkpointing re-runs it. Yields the
+        :class:`~saehook.training.TrainingSession` (its ``trainers[key]`` hold step counts and ``last[key]``
+        the latest metrics)."""
         from .config import TrainConfig
         from .session import TrainingSession
 
