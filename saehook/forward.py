@@ -31,13 +31,15 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ForwardState", "StopForward", "TokenTracker", "add_position_ids", "check_runnable", "execution_device",
-           "kl_divergence", "loss_mask", "model_device", "next_token_logprobs", "position_masks", "valid_mask"]
+__all__ = ["ForwardState", "Run", "StopForward", "TokenTracker", "add_position_ids", "check_runnable",
+           "execution_device", "kl_divergence", "loss_mask", "model_device", "next_token_logprobs", "position_masks",
+           "valid_mask"]
 
 
 class StopForward(Exception):
@@ -120,6 +122,25 @@ def kl_divergence(logp_p: Tensor, logp_q: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- one forward
+class Run(NamedTuple):
+    """One forward of :meth:`saehook.Hooked.run`."""
+
+    batch: dict
+    """The model inputs as run: on the model's device, ``position_ids`` added for padding."""
+    acts: dict
+    """key -> activation ``[B, T, d]`` at the hookpoint (empty with ``encode`` or ``visit``)."""
+    codes: dict
+    """key -> :class:`Codes` ``[B, T, k]`` of the activation (``encode=True``)."""
+    valid: Tensor
+    """``[B, T]`` bool: real tokens at least ``skip_positions`` into their row (train / measure these)."""
+    real: Tensor
+    """``[B, T]`` bool: not padding."""
+    positions: Tensor
+    """``[B, T]`` long: each token's position in its row (see :mod:`saehook.forward`)."""
+    output: object
+    """The model's output when the forward ran to the end (``stop_early=False``), else None."""
+
+
 @dataclass
 class ForwardState:
     """The token positions of one forward through the backbone (see the module docstring)."""
@@ -307,6 +328,7 @@ class TokenTracker:
         self.reached: set = set()
         """Keys whose hookpoint ran during the current call."""
         self.backbone = ""
+        """Path of the module that owns the decoder layers (set by :meth:`register`)."""
 
     def register(self, model: nn.Module, layers_name: str) -> list:
         """Register the hooks on ``model`` and on the parent of its decoder layers; returns their handles."""

@@ -12,7 +12,6 @@ import inspect
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,6 +19,7 @@ from torch import Tensor
 from .edits import Edit, Positions, check_positions, latent_ids
 from .forward import (
     ForwardState,
+    Run,
     StopForward,
     TokenTracker,
     add_position_ids,
@@ -59,25 +59,6 @@ class _SiteHook:
             y = self.owner._process(self.hp, kwargs["hidden_states"])
             return None if y is None else (args, {**kwargs, "hidden_states": y})
         raise TypeError(f"{self.hp}: cannot find the input tensor (no positional tensor or hidden_states)")
-
-
-class Run(NamedTuple):
-    """One forward of :meth:`Hooked.run`."""
-
-    batch: dict
-    """The model inputs as run: on the model's device, ``position_ids`` added for padding."""
-    acts: dict
-    """key -> activation ``[B, T, d]`` at the hookpoint (empty with ``encode`` or ``visit``)."""
-    codes: dict
-    """key -> :class:`Codes` ``[B, T, k]`` of the activation (``encode=True``)."""
-    valid: Tensor
-    """``[B, T]`` bool: real tokens at least ``skip_positions`` into their row (train / measure these)."""
-    real: Tensor
-    """``[B, T]`` bool: not padding."""
-    positions: Tensor
-    """``[B, T]`` long: each token's position in its row (see :mod:`saehook.forward`)."""
-    output: object
-    """The model's output when the forward ran to the end (``stop_early=False``), else None."""
 
 
 class Hooked:
