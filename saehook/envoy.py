@@ -19,8 +19,10 @@ activation *before* the edit. Like every value computed in a trace body, keep wh
 the block with ``.save()`` / ``nnsight.save``.
 
 Every helper acts on one forward pass: in ``lm.generate`` wrap it in ``for _ in tracer.iter[:n]`` to
-act on each of ``n`` steps. To restrict an edit to some positions, use :func:`saehook.attach` (which
-knows the model's position ids) instead.
+act on each of ``n`` steps. To restrict an edit to some positions, use :func:`saehook.attach` instead:
+its ``positions=`` are each token's index among its row's real tokens, the KV cache included (left
+padding, ``generate`` with or without the cache, chunked prefill; see :data:`saehook.edits.Positions`
+and ``docs/hooks.md``).
 
 This module never imports nnsight: anything that is not a tensor, tuple or list is taken to be an
 envoy and read through its ``.output`` / ``.input`` attribute.
