@@ -129,61 +129,54 @@ def _slice_mask(pos: Tensor, n: Tensor, s: slice) -> Tensor:
     return (pos <= hi) & (pos > lo) & ((hi - pos) % -step == 0)
 
 
+_INTEGER_FORMS = "an int, a NumPy integer or a 0-d integer tensor"
+
+
+def integer(v, what: str, expected: str = "an integer") -> int:
+    """``v`` as a Python int: anything integer-like (``operator.index``: ``int``, NumPy integers, 0-d integer
+    tensors and arrays), never a bool. Otherwise ``TypeError``: ``"<what> <v> is a bool; pass <expected> (an
+    int, a NumPy integer or a 0-d integer tensor)"``. The one parser of latent ids and positions."""
+    if isinstance(v, bool) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool"):
+        problem = "is a bool"
+    elif getattr(v, "ndim", 0) != 0:
+        problem = f"has shape {tuple(v.shape)}"
+    else:
+        try:
+            return operator.index(v)
+        except TypeError:
+            problem = "is not an integer"
+    raise TypeError(f"{what} {v!r} {problem}; pass {expected} ({_INTEGER_FORMS})")
+
+
 def check_positions(positions: Positions) -> Positions:
     """Raise ``TypeError`` or ``ValueError`` unless ``positions`` is one of the forms of :data:`Positions`;
-    returns it with plain Python ints (NumPy / 0-d tensor integers accepted) and sequences as tuples."""
-    def integer(v, what: str) -> int:
-        if isinstance(v, bool) or not (isinstance(v, numbers.Integral)
-                                       or isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point()
-                                       and v.dtype != torch.bool):
-            raise TypeError(f"positions={positions!r}: {what} must be an int, got {v!r}")
-        return int(v)
-
+    returns it with plain Python ints (each parsed by :func:`integer`) and sequences (a list, a tuple, a 1-d
+    tensor or array) as tuples."""
     if positions is None or isinstance(positions, str) and positions == "generated":
         return positions
     if isinstance(positions, str):
         raise ValueError(f"positions={positions!r}: the only named choice is 'generated'")
     if isinstance(positions, slice):
-        parts = [None if v is None else integer(v, f"slice {name}")
+        parts = [None if v is None else integer(v, f"positions={positions!r}: slice {name}")
                  for name, v in zip(("start", "stop", "step"), (positions.start, positions.stop, positions.step))]
         if parts[2] == 0:
             raise ValueError(f"positions={positions!r}: slice step cannot be zero")
         return slice(*parts)
-    if isinstance(positions, (numbers.Integral, torch.Tensor)) and not isinstance(positions, bool) and (
-            not isinstance(positions, torch.Tensor) or positions.dim() == 0):
-        return integer(positions, "an int position")
-    if isinstance(positions, (Sequence, torch.Tensor)) and not isinstance(positions, (str, bytes)):
-        items = positions.tolist() if isinstance(positions, torch.Tensor) else positions
-        if isinstance(positions, torch.Tensor) and positions.dim() != 1:
-            raise TypeError(f"positions: a tensor of positions must be 1-d, got shape {tuple(positions.shape)}")
-        return tuple(integer(p, "each position") for p in items)
+    ndim = getattr(positions, "ndim", None)
+    if ndim == 0 or isinstance(positions, numbers.Number):  # one int (a bool or a float is refused)
+        return integer(positions, f"positions={positions!r}: the position")
+    if ndim == 1 or ndim is None and isinstance(positions, Sequence) and not isinstance(positions, bytes):
+        items = positions.tolist() if ndim == 1 else positions
+        return tuple(integer(p, f"positions={positions!r}: position") for p in items)
+    if ndim is not None:
+        raise TypeError(f"positions: a tensor of positions must be 1-d, got shape {tuple(positions.shape)}")
     raise TypeError(f"positions must be None, an int, a slice, a list of ints or 'generated', got {positions!r}")
-
-
-def _is_bool(v) -> bool:
-    """A Python, NumPy or torch boolean (scalar)."""
-    return isinstance(v, bool) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool")
-
-
-def _latent_id(v, what: str) -> int:
-    """One latent id as a Python int: anything integer-like (``operator.index``), but not a bool."""
-    if _is_bool(v):
-        raise TypeError(f"{what}: latent id {v!r} is a bool; pass an integer latent index (an int, a NumPy "
-                        f"integer or a 0-d integer tensor)")
-    if isinstance(v, Tensor) and v.dim() != 0:
-        raise TypeError(f"{what}: latent id {v!r} is a tensor of shape {tuple(v.shape)}; pass an integer latent "
-                        f"index (an int, a NumPy integer or a 0-d integer tensor)")
-    try:
-        return operator.index(v)
-    except TypeError:
-        raise TypeError(f"{what}: latent id {v!r} is not an integer; pass an integer latent index (an int, a "
-                        f"NumPy integer or a 0-d integer tensor)") from None
 
 
 def latent_ids(items, n_latents: int, what: str) -> list[int]:
     """The latent ids ``items`` (one id, or a sequence / 1-d tensor / 1-d array of ids) as Python ints.
 
-    An id is anything integer-like (``int``, NumPy integers, 0-d integer tensors: ``operator.index``).
+    An id is anything integer-like (``int``, NumPy integers, 0-d integer tensors: :func:`integer`).
     Refused, with an error naming the value: bools and non-integers (``TypeError``), ids outside
     ``0 .. n_latents - 1`` (``IndexError``; a negative id is not counted from the end: a latent id names
     a latent), tensors of 2 or more dimensions (``TypeError``) and repeated ids (``ValueError``: ablating
@@ -196,7 +189,7 @@ def latent_ids(items, n_latents: int, what: str) -> list[int]:
                         f"{tuple(items.shape)}")
     elif hasattr(items, "tolist"):  # a 1-d tensor or array: its Python scalars (bools stay bools)
         items = items.tolist()
-    ids = [_latent_id(v, what) for v in items]
+    ids = [integer(v, f"{what}: latent id", "an integer latent index") for v in items]
     bad = [j for j in ids if not 0 <= j < n_latents]
     if bad:
         raise IndexError(f"{what}: latents {bad} out of range (n_latents={n_latents}: ids are 0..{n_latents - 1}; "

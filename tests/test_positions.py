@@ -82,7 +82,7 @@ def test_positions_under_the_cache_on_models_whose_layers_get_no_position_ids(ar
 FORMS = [None, 0, 2, -2, -100, slice(1, 3), slice(-2, None), slice(None, -1), slice(-3, -1), slice(None, None, 2),
          slice(1, None, 3), slice(None, None, -1), slice(-1, 0, -2), slice(5, 1, -1), slice(-2, None, -1),
          [0, -1], (1,), [-1], [-5, 2], [], [10], np.int64(-1), torch.tensor(-2), [np.int64(1), np.int64(-2)],
-         torch.tensor([0, -1]), "generated"]
+         torch.tensor([0, -1]), np.array([1, -1]), np.array(-1), slice(np.int64(1), torch.tensor(3)), "generated"]
 
 
 def expected(form, n: int) -> set[int]:
@@ -94,7 +94,7 @@ def expected(form, n: int) -> set[int]:
         return set()  # a plain forward is a prompt: nothing is generated
     if isinstance(form, slice):
         return set(r[form])
-    if isinstance(form, torch.Tensor) and form.dim() == 0 or isinstance(form, (int, np.integer)):
+    if getattr(form, "ndim", 1) == 0 or isinstance(form, int):
         return set(r[int(form):])  # an int i means positions[i:]
     return {r[int(i)] for i in form if -n <= int(i) < n}
 
@@ -125,7 +125,9 @@ def test_every_form_of_positions_acts_as_python_indexing_reads(form):
 
 @pytest.mark.parametrize("bad, error", [(slice(0, 4, 0), ValueError), ([1.0], TypeError), (True, TypeError),
                                         ([True], TypeError), ("prompt", ValueError), (slice(0.5, 2), TypeError),
-                                        (torch.tensor([[1]]), TypeError), (1.0, TypeError), ({1: 2}, TypeError)],
+                                        (torch.tensor([[1]]), TypeError), (1.0, TypeError), ({1: 2}, TypeError),
+                                        (np.array([1.0]), TypeError), (np.bool_(True), TypeError),
+                                        (torch.tensor([True]), TypeError), (b"\x01", TypeError)],
                          ids=repr)
 def test_positions_that_cannot_act_as_they_read_are_refused(bad, error):
     """Kind 4: a ``positions`` value with no clear meaning raises when the context is entered."""
