@@ -52,7 +52,8 @@ the row's prompt length: in a plain forward the row itself (Python's ``-1``: its
 - ``"generated"``: tokens after the prompt (none in a plain forward without a cache; in a loop of your own
   over a KV cache, the prompt is the forward that started the cache).
 
-Position-restricted edits never act on padding. Ints may be Python, NumPy or 0-d tensor integers.
+Position-restricted edits never act on padding. Ints may be Python, NumPy or 0-d tensor integers; a 1-d
+integer tensor or NumPy array is a sequence.
 """
 
 

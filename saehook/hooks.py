@@ -68,7 +68,8 @@ class Hooked:
         model: the hooked ``nn.Module``.
         saes: key -> :class:`TopKSAE`, keyed by the keys the user gave.
         hookpoints: key -> :class:`~saehook.hookpoints.Hookpoint`.
-        latents: key -> :class:`Codes` of the most recent forward (under a KV cache: of the new tokens).
+        latents: key -> :class:`Codes` of the most recent forward (under a KV cache: of the new tokens); no
+            entry for a hookpoint that forward did not run.
         record: whether forwards encode and store latents (set False to skip that compute).
     """
 
@@ -147,8 +148,12 @@ class Hooked:
         """After a forward of the model (``inside=None``) or of its decoder stack (``inside`` = its path):
         an active edit whose hookpoint (within ``inside``) never ran had no effect. Raise if its module is no
         longer the model's (replaced after attach), warn if the model merely skipped it this time (e.g. an
-        MoE expert that got no token, an early exit)."""
+        MoE expert that got no token, an early exit). A recorded hookpoint it never ran keeps no code from an
+        older forward in :attr:`latents`."""
         prefix = inside + "." if inside else ""
+        for key, hp in self.hookpoints.items():
+            if key not in reached and hp.name.startswith(prefix):
+                self.latents.pop(key, None)  # not this forward's: never left to be read as if it were
         hps = []
         for e in self._edits:
             for key in e.targets:
@@ -165,6 +170,7 @@ class Hooked:
                 "never ran the module attached there: it was replaced after attach (by peft, or by assigning a new "
                 "module), so the edit had no effect and the output is not what it asks for. Attach again to the "
                 "model as it runs now.")
+        reached.update(hp.key for hp in hps)  # said once: the model's own check after its backbone's stays quiet
         warnings.warn(f"an edit (splice / steer / ablate) is active on {', '.join(str(hp) for hp in hps)}, but this "
                       f"forward of {what} never ran it (the model skipped the module, e.g. an expert that received no "
                       "token, or an early exit): the edit had no effect on this forward. Hook a module every forward "

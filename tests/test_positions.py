@@ -185,10 +185,27 @@ def test_an_edit_on_a_module_this_forward_skips_warns():
     with attach(model, {2: sae_for()}) as hooked, hooked.steer({2: {3: 6.0}}):
         model.config.num_hidden_layers = 2  # Llama runs layers[:num_hidden_layers]: the third stays, unused
         try:
-            with pytest.warns(RuntimeWarning, match=r"model.layers.2.*never ran it"):
+            with pytest.warns(RuntimeWarning, match=r"model.layers.2.*never ran it") as caught:
                 model(ids)
         finally:
             model.config.num_hidden_layers = 3
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1  # once per forward
+
+
+def test_latents_of_a_hookpoint_the_last_forward_skipped_are_not_kept():
+    """Kind 5: ``hooked.latents[key]`` is the code of the most recent forward; a forward that skips the hookpoint
+    leaves no older code there to be read as if it were this forward's."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with attach(model, {1: sae_for(), 2: sae_for(2)}) as hooked:
+        model(ids)
+        assert set(hooked.latents) == {1, 2}
+        model.config.num_hidden_layers = 2
+        try:
+            model(ids[:, :4])
+        finally:
+            model.config.num_hidden_layers = 3
+        assert set(hooked.latents) == {1} and hooked.latents[1].indices.shape[1] == 4
 
 
 def test_attach_refuses_a_model_that_cannot_run_and_warns_about_a_compiled_one():
