@@ -39,6 +39,11 @@ from .trainer import SAETrainer
 log = logging.getLogger(__name__)
 
 
+_NO_ATTENTION_MASK = (
+    "TrainingSession.attention_mask was removed and is not read: each forward's padding comes from that forward's "
+    "own inputs (pass attention_mask to the model call, e.g. model(**batch); see saehook.forward). Do not set it.")
+
+
 class TrainingSession:
     """Buffers and trainers for the hookpoints of a :class:`~saehook.Hooked` that this rank trains."""
 
@@ -66,6 +71,15 @@ class TrainingSession:
         self.seen: set = set()
         self.last: dict = {}
         self.on_step = None  # callback(key, metrics)
+
+    @property
+    def attention_mask(self):
+        """Removed: the padding of each forward is read from that forward's own inputs."""
+        raise AttributeError(_NO_ATTENTION_MASK)
+
+    @attention_mask.setter
+    def attention_mask(self, value):
+        raise AttributeError(_NO_ATTENTION_MASK)
 
     # ------------------------------------------------------------------ feeding
     def valid_rows(self, hp, x: Tensor) -> Tensor:

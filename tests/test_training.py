@@ -380,6 +380,20 @@ def test_training_context_feeds_each_real_token_once(side):
     torch.testing.assert_close(collected, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_setting_the_removed_session_attention_mask_raises():
+    """``TrainingSession.attention_mask`` is no longer read (padding comes from each forward's own inputs):
+    setting it, as older code did, raises instead of silently doing nothing."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with saehook.attach(model, {1: TopKSAE(32, 64, 4)}) as hooked, hooked.training(small_cfg()) as session:
+        with pytest.raises(AttributeError, match=r"attention_mask was removed.*model\(\*\*batch\)"):
+            session.attention_mask = mask
+        with pytest.raises(AttributeError, match="attention_mask was removed"):
+            session.attention_mask  # noqa: B018
+        assert not hasattr(session, "attention_mask")
+
+
 @pytest.mark.parametrize("how", ["no_cache", "chunked_prefill"])
 def test_training_while_generating_feeds_each_token_once(how):
     """Generation without the cache re-feeds the whole sequence at every step, chunked prefill feeds the
