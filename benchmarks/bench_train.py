@@ -14,7 +14,6 @@ default 16 x 128 windows and 8192 tokens per step, 16 batches are 4 whole optimi
 """
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import saehook  # noqa: E402
-from saehook.training import StopForward, TrainingSession  # noqa: E402
+from saehook.training import TrainingSession  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--latents", type=int, default=4096)
@@ -66,47 +65,26 @@ def full(b):
     model(b)
 
 
-class Stopper:
-    """A tap that only stops the pass once every hookpoint was reached (what training does, minus training)."""
-
-    def __init__(self, n):
-        self.n, self.seen = n, set()
-
-    def __call__(self, key, hp, x):
-        self.seen.add(key)
-        if len(self.seen) == self.n:
-            self.seen = set()
-            raise StopForward
-
-
 def truncated(layers):
     saes = {layer: saehook.TopKSAE(d, 8, 1) for layer in layers}
 
     @torch.no_grad()
     def run(b):
         with saehook.attach(model, saes, record=False) as hooked:
-            hooked._taps.append(Stopper(len(saes)))
-            with contextlib.suppress(StopForward):
-                model(b)
+            hooked.run(b)  # stops right after the deepest hookpoint (what training does, minus training)
     return run
 
 
 def training(layers):
     saes = {layer: saehook.TopKSAE(d, args.latents, args.k) for layer in layers}
     cfg = saehook.TrainConfig(batch_tokens=8192, shuffle_buffer=0, matmul_dtype=args.matmul_dtype)
-    hooked = saehook.attach(model, saes, record=False)
-    session = TrainingSession(hooked, cfg, stop_early=True)
-    hooked.detach()  # attached only while its own batches run (the runs rotate)
+    with saehook.attach(model, saes, record=False) as hooked:
+        session = TrainingSession(hooked, cfg)
+    # attached only while its own batches run (the runs rotate), as the truncated runs are; the loop of train()
 
     def run(b):
-        session.seen = set()
-        hooked._attach()
-        hooked._taps.append(session.tap)
-        try:
-            with torch.no_grad(), contextlib.suppress(StopForward):
-                model(b)
-        finally:
-            hooked.detach()
+        with torch.no_grad(), saehook.attach(model, saes, record=False) as hooked:
+            hooked.run(b, skip_positions=cfg.skip_positions, visit=session.feed)
         t = time.perf_counter()
         steps = session.drain()
         stats["drain_s"] += time.perf_counter() - t
@@ -146,7 +124,7 @@ for name, tps in rows.items():
 four = rows[f"train layers {args.layers4} in one pass"]
 print(f"\ntraining layer {args.layer} costs {overhead:+.1%} over the truncated forward (median of per-round ratios)")
 sess = one[1]["session"]
-last = next(iter(sess.last.values()))
+last = next(iter(sess.last.values()), {"fvu": float("nan")})  # no step yet with few --batches
 ms_step = 1e3 * one[1]["drain_s"] / max(1, one[1]["steps"])
 print(f"the layer-{args.layer} autoencoder took {one[1]['steps']} timed optimizer steps of 8192 rows, {ms_step:.0f} ms "
       f"each (all steps: {sess.steps}, batch fvu {last['fvu']:.3f})")
