@@ -242,13 +242,21 @@ class Hooked:
             else:
                 acts[key] = x
             seen.add(key)
-            if stop_early and len(seen) == len(self.saes):
+
+        def stop(*_):  # after the hookpoint's own hook (its latents recorded, as in any forward)
+            if len(seen) == len(self.saes):
                 raise StopForward
 
+        stops = [hp.module.register_forward_hook(stop) if hp.site == "output" else
+                 hp.module.register_forward_pre_hook(stop) for hp in self.hookpoints.values()] if stop_early else []
         self._tokens.current = None
         output = None
-        with self._tapping(tap), contextlib.suppress(StopForward):
-            output = self.model(**inputs)
+        try:
+            with self._tapping(tap), contextlib.suppress(StopForward):
+                output = self.model(**inputs)
+        finally:
+            for h in stops:
+                h.remove()
         missing = [str(self.hookpoints[k]) for k in self.saes if k not in seen]
         if missing:
             raise RuntimeError(f"the forward pass never reached hookpoints {missing}")

@@ -206,6 +206,9 @@ def test_latents_of_a_hookpoint_the_last_forward_skipped_are_not_kept():
         finally:
             model.config.num_hidden_layers = 3
         assert set(hooked.latents) == {1} and hooked.latents[1].indices.shape[1] == 4
+        run = hooked.run(ids[:, :3].expand(2, 3))  # stops after the deepest hookpoint, which is recorded too
+        assert run.output is None
+        assert {k: tuple(c.indices.shape) for k, c in hooked.latents.items()} == {1: (2, 3, 4), 2: (2, 3, 4)}
 
 
 def test_attach_refuses_a_model_that_cannot_run_and_warns_about_a_compiled_one():
