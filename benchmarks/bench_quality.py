@@ -48,6 +48,10 @@ BENCH_VENV = ROOT / ".venv-bench"
 
 # Each lever alone, as TrainConfig keyword arguments on top of the defaults ("default" = TrainConfig()).
 PAPER = dict(batch_tokens=8192, lr_schedule="constant", warmup_fraction=0.0, lr_scale=1.0)
+# batch 1024, AuxK on latents silent for 1% of the run, weighted 1/8
+B = {"batch_tokens": 1024, "dead_fraction": 0.01, "auxk_coef": 1 / 8}
+# B with Adam beta2 = 0.99
+C = {**B, "betas": (0.9, 0.99)}
 VARIANTS: dict[str, dict] = {
     "default": {},
     "paper": PAPER,  # the paper's rule as saehook shipped it before issue 14
@@ -83,6 +87,20 @@ VARIANTS: dict[str, dict] = {
     "lr8x+dead1%+auxk1/8": {"lr_scale": 8.0, "dead_fraction": 0.01, "auxk_coef": 1 / 8},
     "dead1%": {"dead_fraction": 0.01},
     "batch1k+e2e-kl-2%": {"batch_tokens": 1024, "e2e_fraction": 0.02},
+    "B-lr8x": {**B, "lr_scale": 8.0},
+    "B-e2e-kl-2%": {**B, "e2e_fraction": 0.02},
+    "B-e2e-ce-2%": {**B, "e2e_fraction": 0.02, "e2e_loss": "ce"},
+    "B-adam-b2-0.99": {**B, "betas": (0.9, 0.99)},
+    "B-batch512": {**B, "batch_tokens": 512},
+    "B-lr6x": {**B, "lr_scale": 6.0},
+    "B-batch512-lr2x": {**B, "batch_tokens": 512, "lr_scale": 2.0},
+    "C-dead0.5%": {**C, "dead_fraction": 0.005},
+    "C-auxk1/4": {**C, "auxk_coef": 1 / 4},
+    "C-batch512-dead0.5%": {**C, "batch_tokens": 512, "dead_fraction": 0.005},
+    "C-kaux-d": {**C, "k_aux": 576},
+    "C-batch512-dead0.25%": {**C, "batch_tokens": 512, "dead_fraction": 0.0025},
+    "C-batch512-dead0.5%-auxk1/4": {**C, "batch_tokens": 512, "dead_fraction": 0.005, "auxk_coef": 1 / 4},
+    "C-batch512-dead0.25%-auxk1/4": {**C, "batch_tokens": 512, "dead_fraction": 0.0025, "auxk_coef": 1 / 4},
 }
 
 

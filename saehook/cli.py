@@ -42,8 +42,8 @@ def add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     p.add_argument("--tokens", type=parse_count, default=parse_count("900k" if demo else "2M"),
                    help="training tokens per hookpoint, e.g. 2M")
     p.add_argument("--batch-tokens", type=parse_count, default=None,
-                   help="activation rows per optimizer step (default: chosen from --tokens, about 500 steps, "
-                        "1024-8192)")
+                   help="activation rows per optimizer step (default: chosen from --tokens, about 2,000 steps, "
+                        "512-8192)")
     p.add_argument("--context", type=int, default=128, help="tokens per window")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--corpus", default=None,

@@ -12,7 +12,7 @@ class TrainConfig:
 
     batch_tokens: int | None = None
     """Activation rows per optimizer step; None = chosen from the run's length (:meth:`batch_for`): about
-    ``target_steps`` steps, a power of two in ``[1024, 8192]`` (8192 when the length is unknown). The paper
+    ``target_steps`` steps, a power of two in ``[512, 8192]`` (8192 when the length is unknown). The paper
     used 131,072 rows per step over billions of tokens; a short run needs more, smaller steps."""
     lr: float | None = None
     """Adam learning rate; None = ``lr_scale * 2e-4 / sqrt(n_latents / 2**14)`` (the paper's 1/sqrt(n)
@@ -30,23 +30,26 @@ class TrainConfig:
     length: of ``target_steps``)."""
     decay_fraction: float = 0.2
     """``"wsd"``: fraction of the run's steps at its end over which the learning rate falls linearly to 0."""
-    target_steps: int = 500
+    target_steps: int = 2000
     """Steps the automatic ``batch_tokens`` aims for (see :meth:`batch_for`)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """Adam betas."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """Adam betas. The paper used (0.9, 0.999); over a run of ~2,000 steps a second-moment average of
+    ~100 steps trains further (docs/quality.md)."""
     eps: float = 6.25e-10
     """Adam epsilon (tiny, because batch-averaged gradients are tiny)."""
     auxk: bool = True
     """Train dead latents with the AuxK loss."""
     k_aux: int | None = None
     """Latents used by AuxK; None = ``d_in // 2``."""
-    auxk_coef: float = 1 / 32
-    """Weight of the AuxK loss: ``L + auxk_coef * L_aux``."""
+    auxk_coef: float = 1 / 4
+    """Weight of the AuxK loss: ``L + auxk_coef * L_aux`` (the paper: 1/32; small batches kill more latents,
+    and 1/4 revives them, docs/quality.md)."""
     dead_tokens: int = 10_000_000
     """A latent is dead after this many tokens without firing (paper: 10M)..."""
-    dead_fraction: float = 0.05
+    dead_fraction: float = 0.0025
     """...or after this fraction of the run's tokens, whichever is smaller (scales the threshold for small
-    runs; only when the run length is known)."""
+    runs; only when the run length is known; never below one batch). 0.25% of a 1M-token run: 2,500 tokens,
+    so AuxK starts on a latent after ~5 silent steps of 512 rows."""
     multi_topk_coef: float = 1 / 8
     """Weight of the 4k reconstruction when the autoencoder has ``multi_topk``: ``L(k) + L(4k)/8``."""
     normalize: str = "scalar"
@@ -138,13 +141,13 @@ class TrainConfig:
 
     def batch_for(self, total_tokens: int | None) -> int:
         """Rows per step: ``batch_tokens`` if set; else the power of two nearest ``total_tokens /
-        target_steps``, clamped to ``[1024, 8192]`` (8192 when ``total_tokens`` is None). E.g. 1M tokens ->
-        2048 rows per step (488 steps), 4M -> 8192, 250k -> 1024."""
+        target_steps``, clamped to ``[512, 8192]`` (8192 when ``total_tokens`` is None). E.g. 1M tokens ->
+        512 rows per step (1,953 steps), 4M -> 2048, 16M -> 8192, 250k -> 512 (488 steps)."""
         if self.batch_tokens is not None:
             return self.batch_tokens
         if not total_tokens:
             return 8192
-        return int(min(8192, max(1024, 2 ** round(math.log2(max(total_tokens / self.target_steps, 1))))))
+        return int(min(8192, max(512, 2 ** round(math.log2(max(total_tokens / self.target_steps, 1))))))
 
     def lr_factor(self, step: int, total_steps: int | None) -> float:
         """Multiplier of the peak learning rate at optimizer step ``step`` (0-based) of ``total_steps``.

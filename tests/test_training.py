@@ -54,10 +54,11 @@ def test_first_step_sets_scale_and_geometric_median():
     tr.step(x)
     s = float(sae.input_scale)
     assert abs((x * s).pow(2).sum(-1).mean().item() - 16) < 1e-2
-    # peak: lr_scale (4) x the paper's 2e-4 / sqrt(n / 2^14); the first step is 1/10 of the way up the warm-up
+    # peak: lr_scale (4) x the paper's 2e-4 / sqrt(n / 2^14); the first step is 1/40 of the way up the warm-up
+    # (2% of target_steps=2000 when the run's length is unknown)
     assert tr.peak_lr == pytest.approx(4 * 2e-4 / (64 / 2**14) ** 0.5)
-    assert tr.lr == pytest.approx(tr.peak_lr / (0.02 * 500))
-    assert tr.opt.defaults["eps"] == 6.25e-10 and tr.opt.defaults["betas"] == (0.9, 0.999)
+    assert tr.lr == pytest.approx(tr.peak_lr / (0.02 * 2000))
+    assert tr.opt.defaults["eps"] == 6.25e-10 and tr.opt.defaults["betas"] == (0.9, 0.99)
     # b_dec started at the geometric median (near 7*s per coordinate), then took one Adam step
     assert (sae.b_dec - 7.0 * s).abs().max() < 0.1
 
@@ -67,7 +68,7 @@ def test_dead_latents_and_auxk():
     x = torch.randn(2048, 1) @ torch.randn(1, 16)  # rank 1: few latents ever win the top 2
     sae = TopKSAE(16, 512, 2)
     tr = SAETrainer(sae, TrainConfig(batch_tokens=2048), total_tokens=2048 * 40)
-    assert tr.dead_threshold == 4096  # 5% of the run, but never below one batch
+    assert tr.dead_threshold == 2048  # 0.25% of the run (205 tokens), but never below one batch
     for _ in range(3):
         m = tr.step(x)
     assert m["dead_frac"] > 0.2 and "auxk_fvu" in m  # most latents never fired in 6k tokens
@@ -313,11 +314,11 @@ def test_lr_schedule_and_budget_aware_batch():
     assert TrainConfig(lr_schedule="constant").lr_factor(99, 100) == 1.0
     assert [cfg.lr_factor(s, 4) for s in range(4)] == [1.0, 1.0, 1.0, 1.0]  # warm-up under one step: never > 1
     assert cfg.lr_factor(10_000, None) == 1.0  # unknown length: no decay
-    # ~500 steps, a power of two in [1024, 8192]
-    assert [cfg.batch_for(t) for t in (None, 100_000, 250_000, 1_000_000, 4_000_000, 10**9)] == \
-        [8192, 1024, 512 * 2, 2048, 8192, 8192]
+    # ~2000 steps, a power of two in [512, 8192]
+    assert [cfg.batch_for(t) for t in (None, 100_000, 250_000, 1_000_000, 4_000_000, 16_000_000, 10**9)] == \
+        [8192, 512, 512, 512, 2048, 8192, 8192]
     assert TrainConfig(batch_tokens=300).batch_for(10**6) == 300
-    tr = SAETrainer(TopKSAE(16, 64, 4), TrainConfig(warmup_fraction=0.0), total_tokens=10_000)
+    tr = SAETrainer(TopKSAE(16, 64, 4), TrainConfig(warmup_fraction=0.0, target_steps=10), total_tokens=10_000)
     assert tr.batch_tokens == 1024 and tr.total_steps == 10
     lrs = []
     for _ in range(10):
