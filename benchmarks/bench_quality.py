@@ -46,61 +46,55 @@ CACHE = ROOT / "runs" / "quality" / "cache"
 RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
 BENCH_VENV = ROOT / ".venv-bench"
 
-# Each lever alone, as TrainConfig keyword arguments on top of the defaults ("default" = TrainConfig()).
-PAPER = dict(batch_tokens=8192, lr_schedule="constant", warmup_fraction=0.0, lr_scale=1.0)
-# batch 1024, AuxK on latents silent for 1% of the run, weighted 1/8
-B = {"batch_tokens": 1024, "dead_fraction": 0.01, "auxk_coef": 1 / 8}
-# B with Adam beta2 = 0.99
+# Each arm: TrainConfig keyword arguments on top of the defaults ("default" = TrainConfig()).
+# The defaults before this search (issue 14, first round): ~500 steps with batches of at least 1,024 rows,
+# the paper's Adam betas, AuxK weight 1/32 on latents silent for 5% of the run.
+PREV = {"target_steps": 500, "betas": (0.9, 0.999), "auxk_coef": 1 / 32, "dead_fraction": 0.05}
+# The paper's rule as saehook shipped it before issue 14: 8,192 rows per step, 2e-4 / sqrt(n / 2^14), constant.
+PAPER = {**PREV, "batch_tokens": 8192, "lr_schedule": "constant", "warmup_fraction": 0.0, "lr_scale": 1.0}
+# Second round, from PREV: batch 1,024, AuxK weight 1/8 on latents silent for 1% of the run (B); plus beta2 0.99 (C).
+B = {**PREV, "batch_tokens": 1024, "dead_fraction": 0.01, "auxk_coef": 1 / 8}
 C = {**B, "betas": (0.9, 0.99)}
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "paper": PAPER,  # the paper's rule as saehook shipped it before issue 14
+    "paper": PAPER,
+    "prev": PREV,
+    # first round: one lever at a time against the paper's rule, then against PREV
     "paper+wsd": {**PAPER, "lr_schedule": "wsd", "warmup_fraction": 0.02},
     "paper-lr4x": {**PAPER, "lr_scale": 4.0},
     "paper-lr4x+wsd": {**PAPER, "lr_scale": 4.0, "lr_schedule": "wsd", "warmup_fraction": 0.02},
     "batch2k-lr4x": {**PAPER, "batch_tokens": 2048, "lr_scale": 4.0},
-    "batch2k-lr4x+wsd": {**PAPER, "batch_tokens": 2048, "lr_scale": 4.0, "lr_schedule": "wsd",
-                         "warmup_fraction": 0.02},
     "batch2k-lr8x+wsd": {**PAPER, "batch_tokens": 2048, "lr_scale": 8.0, "lr_schedule": "wsd",
                          "warmup_fraction": 0.02},
-    "batch1k-lr4x+wsd": {**PAPER, "batch_tokens": 1024, "lr_scale": 4.0, "lr_schedule": "wsd",
-                         "warmup_fraction": 0.02},
-    "cosine": {"lr_schedule": "cosine"},
-    "constant": {"lr_schedule": "constant"},
-    "no-auxk": {"auxk": False},
-    "normalize-channel": {"normalize": "channel"},
-    "normalize-none": {"normalize": "none"},
-    "adam-b2-0.99": {"betas": (0.9, 0.99)},
-    "warmup5%": {"warmup_fraction": 0.05},
-    "decay40%": {"decay_fraction": 0.4},
-    "lr8x": {"lr_scale": 8.0},
-    "lr2x": {"lr_scale": 2.0},
-    "batch1k": {"batch_tokens": 1024},
-    "batch4k": {"batch_tokens": 4096},
-    "auxk-coef-1/8": {"auxk_coef": 1 / 8},
-    "e2e-kl-2%": {"e2e_fraction": 0.02},
-    "e2e-kl-2%-pure": {"e2e_fraction": 0.02, "e2e_fvu_coef": 0.0},
-    "e2e-kl-5%": {"e2e_fraction": 0.05},
-    "batch1k+auxk1/8": {"batch_tokens": 1024, "auxk_coef": 1 / 8},
-    "batch1k+dead1%": {"batch_tokens": 1024, "dead_fraction": 0.01},
-    "batch1k+dead1%+auxk1/8": {"batch_tokens": 1024, "dead_fraction": 0.01, "auxk_coef": 1 / 8},
-    "lr8x+dead1%+auxk1/8": {"lr_scale": 8.0, "dead_fraction": 0.01, "auxk_coef": 1 / 8},
-    "dead1%": {"dead_fraction": 0.01},
-    "batch1k+e2e-kl-2%": {"batch_tokens": 1024, "e2e_fraction": 0.02},
-    "B-lr8x": {**B, "lr_scale": 8.0},
-    "B-e2e-kl-2%": {**B, "e2e_fraction": 0.02},
-    "B-e2e-ce-2%": {**B, "e2e_fraction": 0.02, "e2e_loss": "ce"},
-    "B-adam-b2-0.99": {**B, "betas": (0.9, 0.99)},
-    "B-batch512": {**B, "batch_tokens": 512},
+    "prev+cosine": {**PREV, "lr_schedule": "cosine"},
+    "prev+no-auxk": {**PREV, "auxk": False},
+    "prev+normalize-channel": {**PREV, "normalize": "channel"},
+    "prev+normalize-none": {**PREV, "normalize": "none"},
+    "prev+warmup5%": {**PREV, "warmup_fraction": 0.05},
+    "prev+decay40%": {**PREV, "decay_fraction": 0.4},
+    "prev+lr8x": {**PREV, "lr_scale": 8.0},
+    "prev+batch1k": {**PREV, "batch_tokens": 1024},
+    "prev+e2e-kl-2%": {**PREV, "e2e_fraction": 0.02},
+    "prev+e2e-kl-5%": {**PREV, "e2e_fraction": 0.05},
+    # second round: AuxK against the dead latents that smaller batches and higher rates leave
+    "prev+batch1k+dead1%+auxk1/8": B,
     "B-lr6x": {**B, "lr_scale": 6.0},
+    "B-lr8x": {**B, "lr_scale": 8.0},
+    "B-batch512": {**B, "batch_tokens": 512},
     "B-batch512-lr2x": {**B, "batch_tokens": 512, "lr_scale": 2.0},
+    "B-adam-b2-0.99": C,
     "C-dead0.5%": {**C, "dead_fraction": 0.005},
     "C-auxk1/4": {**C, "auxk_coef": 1 / 4},
     "C-batch512-dead0.5%": {**C, "batch_tokens": 512, "dead_fraction": 0.005},
-    "C-kaux-d": {**C, "k_aux": 576},
     "C-batch512-dead0.25%": {**C, "batch_tokens": 512, "dead_fraction": 0.0025},
     "C-batch512-dead0.5%-auxk1/4": {**C, "batch_tokens": 512, "dead_fraction": 0.005, "auxk_coef": 1 / 4},
+    # = the defaults at 1M tokens (and wherever the automatic batch is 512)
     "C-batch512-dead0.25%-auxk1/4": {**C, "batch_tokens": 512, "dead_fraction": 0.0025, "auxk_coef": 1 / 4},
+    # levers on top of today's defaults
+    "e2e-kl-2%": {"e2e_fraction": 0.02},
+    "e2e-ce-2%": {"e2e_fraction": 0.02, "e2e_loss": "ce"},
+    "e2e-kl-2%-pure": {"e2e_fraction": 0.02, "e2e_fvu_coef": 0.0},
+    "normalize-channel": {"normalize": "channel"},
 }
 
 
@@ -232,10 +226,12 @@ def table(records: list[dict]) -> str:
     return "\n".join([head, sep] + ["| " + " | ".join(row_of(r)) + " |" for r in records])
 
 
-def save(out: Path, records: list[dict]) -> None:
+def save(out: Path, record: dict) -> None:
+    """Append ``record`` to the records on disk now (several runs may share the file), atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"records": records}, indent=2, default=str))
+    records = json.loads(out.read_text())["records"] if out.is_file() else []
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"records": records + [record]}, indent=2, default=str))
     os.replace(tmp, out)
 
 
@@ -275,8 +271,7 @@ def main() -> None:
     windows = eval_windows(corpus, args.eval_windows)
     log(f"{len(rows):,} cached rows, {args.eval_windows} held-out windows; load {os.getloadavg()}")
     out = Path(args.out)
-    records = json.loads(out.read_text())["records"] if out.is_file() else []  # appended to, never replaced
-    first = len(records)
+    records = []  # this run's; each is appended to --out as soon as it is measured, never replacing others
     for tokens in args.tokens:
         for name in args.variants:
             live = (model, corpus, args.layer, len(rows) // (args.context - 1))
@@ -285,10 +280,10 @@ def main() -> None:
             r = {"arm": f"saehook {name}", "budget": tokens, "layer": args.layer, "n_latents": args.latents,
                  "k": args.k, **info, **evaluate_arm(model, sae, args.layer, windows, args.eval_windows, args.context,
                                  name in args.control_arms),
-                 "load": os.getloadavg()[0]}
+                 "seed": args.seed, "load": os.getloadavg()[0]}
             records.append(r)
             log(table([r]).splitlines()[-1])
-            save(out, records)
+            save(out, r)
         if args.peers:
             folder = train_sparsify(args, tokens)
             info = json.loads((folder / "bench_info.json").read_text())
@@ -297,11 +292,11 @@ def main() -> None:
                  "n_latents": args.latents, "k": args.k, **info,
                  **evaluate_arm(model, sae, args.layer, windows, args.eval_windows, args.context,
                                  "sparsify" in args.control_arms),
-                 "load": os.getloadavg()[0]}
+                 "seed": args.seed, "load": os.getloadavg()[0]}
             records.append(r)
             log(table([r]).splitlines()[-1])
-        save(out, records)
-    print(table(records[first:]))
+            save(out, r)
+    print(table(records))
 
 
 if __name__ == "__main__":
