@@ -28,7 +28,8 @@ def test_bench_gpu_smoke_run_on_cpu(tmp_path, capsys):
         assert r["matmul_bf16_gflops"] > 0
         for impl in ("saehook-bf16", "saehook-fp32"):
             row = r["impls"][impl]
-            assert row["tokens_per_s"] > 0 and 0 < row["fraction_of_bf16_matmul"] < 2
+            # a ratio of two timings: positive and finite (its size depends on the machine's load, not a test)
+            assert row["tokens_per_s"] > 0 and 0 < row["fraction_of_bf16_matmul"] < float("inf")
     assert "| 10% | 1,024 | saehook-bf16 |" in capsys.readouterr().out
 
 
