@@ -247,8 +247,8 @@ def test_checkpoint_survives_kill(tmp_path):
     for attempt in range(4):
         p = subprocess.Popen([sys.executable, str(TESTS / "scripts" / "train_tiny.py"), str(out), str(TESTS)]
                              + (["resume"] if attempt else []), env=env)
-        deadline = time.time() + 60
-        while not (out / "checkpoints" / "LATEST").exists() and time.time() < deadline:
+        deadline = time.time() + 600  # a slow start under load is not a failure; a missing checkpoint is
+        while not (out / "checkpoints" / "LATEST").exists() and time.time() < deadline and p.poll() is None:
             time.sleep(0.05)
         time.sleep(rng.uniform(0.2, 1.0))
         p.send_signal(signal.SIGKILL)
