@@ -97,7 +97,7 @@ def run_train(args) -> dict:
                               checkpoint_every=args.checkpoint_every, shuffle_buffer=args.shuffle_buffer,
                               matmul_dtype=args.matmul_dtype)
     print(f"training {len(saes)} autoencoder(s) at {[str(probe.resolve(model, k)) for k in saes]}: "
-          f"n_latents={args.latents}, k={args.k}, {args.tokens:,} tokens, {cfg.batch_for(args.tokens, args.latents, args.k)} per step, "
+          f"n_latents={args.latents}, k={args.k}, {args.tokens:,} tokens, {cfg.batch_for(args.tokens)} per step, "
           f"peak lr={cfg.lr_for(args.latents):.3g} ({cfg.lr_schedule})")
     with saehook.attach(model, saes) as hooked:
         report = hooked.train(corpus, tokens=args.tokens, config=cfg, out=args.out, resume=args.resume,

@@ -12,8 +12,7 @@ class TrainConfig:
 
     batch_tokens: int | None = None
     """Activation rows per optimizer step; None = chosen from the run's length (:meth:`batch_for`): about
-    ``target_steps`` steps, a power of two in ``[512, 8192]``, at least ``4 n_latents / k`` (8192 when the length is
-    unknown). The paper
+    ``target_steps`` steps, a power of two in ``[512, 8192]`` (8192 when the length is unknown). The paper
     used 131,072 rows per step over billions of tokens; a short run needs more, smaller steps."""
     lr: float | None = None
     """Adam learning rate; None = ``lr_scale * 2e-4 / sqrt(n_latents / 2**14)`` (the paper's 1/sqrt(n)
@@ -140,20 +139,15 @@ class TrainConfig:
         ``lr_scale * 2e-4 / sqrt(n_latents / 2**14)``."""
         return self.lr if self.lr is not None else self.lr_scale * 2e-4 / math.sqrt(n_latents / 2**14)
 
-    def batch_for(self, total_tokens: int | None, n_latents: int | None = None, k: int | None = None) -> int:
+    def batch_for(self, total_tokens: int | None) -> int:
         """Rows per step: ``batch_tokens`` if set; else the power of two nearest ``total_tokens /
-        target_steps``, clamped to ``[floor, 8192]`` (8192 when ``total_tokens`` is None). ``floor`` is 512,
-        raised for wide, sparse dictionaries so that a latent fires about 4 times per step on average: the
-        power of two at or above ``4 * n_latents / k`` (n = 16,384, k = 32: 2048). E.g. n = 4,096, k = 32:
-        1M tokens -> 512 rows per step (1,953 steps), 4M -> 2048, 16M -> 8192, 250k -> 512 (488 steps)."""
+        target_steps``, clamped to ``[512, 8192]`` (8192 when ``total_tokens`` is None). E.g. 1M tokens ->
+        512 rows per step (1,953 steps), 4M -> 2048, 16M -> 8192, 250k -> 512 (488 steps)."""
         if self.batch_tokens is not None:
             return self.batch_tokens
         if not total_tokens:
             return 8192
-        floor = 512
-        if n_latents and k:
-            floor = max(floor, 2 ** math.ceil(math.log2(4 * n_latents / k)))
-        return int(min(8192, max(floor, 2 ** round(math.log2(max(total_tokens / self.target_steps, 1))))))
+        return int(min(8192, max(512, 2 ** round(math.log2(max(total_tokens / self.target_steps, 1))))))
 
     def lr_factor(self, step: int, total_steps: int | None) -> float:
         """Multiplier of the peak learning rate at optimizer step ``step`` (0-based) of ``total_steps``.

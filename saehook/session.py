@@ -55,15 +55,15 @@ class TrainingSession:
         world, rank = (dist.world, dist.rank) if dist else (1, 0)
         self.owner = {key: (i % world if shard == "layers" else rank) for i, key in enumerate(hooked.saes)}
         self.names = {key: hookpoint_dirname(hp) for key, hp in hooked.hookpoints.items()}
+        batch = config.batch_for(total_tokens)
+        per_rank = batch // world if dist and shard == "data" else batch
+        if per_rank < 1:
+            raise ValueError(f"batch_tokens={batch} is smaller than the {world} ranks")
         self.trainers: dict = {}
         self.buffers: dict = {}
         for i, (key, sae) in enumerate(hooked.saes.items()):
             if self.owner[key] != rank:
                 continue
-            batch = config.batch_for(total_tokens, sae.n_latents, sae.k)
-            per_rank = batch // world if dist and shard == "data" else batch
-            if per_rank < 1:
-                raise ValueError(f"batch_tokens={batch} is smaller than the {world} ranks")
             self.trainers[key] = SAETrainer(sae, config, total_tokens=total_tokens, name=str(hooked.hookpoints[key]),
                                             dist=dist if shard == "data" else None)
             self.buffers[key] = ShuffleBuffer(sae.d_in, per_rank, config.shuffle_buffer,

@@ -58,8 +58,8 @@ class SAETrainer:
         self.ddp = None
         cfg = self.cfg
         self.peak_lr = cfg.lr_for(sae.n_latents)
-        self.batch_tokens = cfg.batch_for(total_tokens, sae.n_latents, sae.k)
-        """Rows per optimizer step (all ranks together): ``config.batch_for(total_tokens, n_latents, k)``."""
+        self.batch_tokens = cfg.batch_for(total_tokens)
+        """Rows per optimizer step (all ranks together): ``config.batch_for(total_tokens)``."""
         self.total_steps = -(-total_tokens // self.batch_tokens) if total_tokens else None
         """Steps of the whole run (for the learning-rate schedule), None when its length is unknown."""
         self.lr = self.peak_lr * cfg.lr_factor(0, self.total_steps)
