@@ -55,3 +55,21 @@ def model(arch):
 def ids():
     g = torch.Generator().manual_seed(0)
     return torch.randint(3, VOCAB, (2, 12), generator=g)
+
+
+def source(n=40, seed=0):
+    """``n`` seeded batches of token ids [8, 32] for tiny models (vocabulary 3..127)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (8, 32), generator=g) for _ in range(n)]
+
+
+class Interrupt(Exception):
+    """Raised by :func:`dying`'s reader: a run killed mid-way, for resume tests."""
+
+
+def dying(n):
+    """:func:`source` (60 batches) whose reader dies after ``n`` batches."""
+    for i, b in enumerate(source(60)):
+        if i == n:
+            raise Interrupt
+        yield b

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import Interrupt, dying, source, tiny_model
 
 import saehook
 from saehook import SAETrainer, TopKSAE, TrainConfig
@@ -149,11 +149,6 @@ def test_e2e_step_leaves_model_untouched():
     assert not hooked.attached
 
 
-def source(n=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 128, (8, 32), generator=g) for _ in range(n)]
-
-
 def sharp_model():
     """The tiny Llama with its output weights x20: peaked predictions, so a splice changes them measurably."""
     model = tiny_model("llama")
@@ -197,15 +192,6 @@ def test_e2e_resume_equals_uninterrupted(tmp_path):
         return sae
 
     full = run(tmp_path / "a", source(60))
-
-    class Interrupt(Exception):
-        pass
-
-    def dying(n):  # a source whose reader dies after n batches
-        for i, b in enumerate(source(60)):
-            if i == n:
-                raise Interrupt
-            yield b
 
     with pytest.raises(Interrupt):
         run(tmp_path / "b", dying(16))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import Interrupt, dying, source, tiny_model
 
 import saehook
 import saehook.forward
@@ -104,11 +104,6 @@ def small_cfg(**kw):
     return TrainConfig(**{"batch_tokens": 256, "shuffle_buffer": 512, "log_every": 1, **kw})
 
 
-def source(n=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 128, (8, 32), generator=g) for _ in range(n)]
-
-
 def test_multi_layer_single_pass_with_early_stop(tmp_path):
     model = tiny_model("llama")
     before = {n: p.clone() for n, p in model.state_dict().items()}
@@ -188,17 +183,6 @@ def test_train_while_generating():
     assert session.trainers[1].step_count == 104 // 32  # 4 x 7 prompt rows (BOS position skipped) + 4 x 19 new
     assert not torch.equal(sae.W_enc, w0)
     assert not hooked.attached and not hooked._taps
-
-
-class Interrupt(Exception):
-    pass
-
-
-def dying(n):  # a source whose reader dies after n batches
-    for i, b in enumerate(source(60)):
-        if i == n:
-            raise Interrupt
-        yield b
 
 
 def train_tiny(out, src, cfg, resume=False):
