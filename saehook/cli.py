@@ -10,16 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+from .config import TrainConfig
+from .dataclass_args import add_dataclass_args, dataclass_from_args, parse_count
+
 log = logging.getLogger("saehook")
-
-
-def parse_count(text: str) -> int:
-    """``"2M"`` -> 2_000_000, ``"500k"`` -> 500_000, ``"8192"`` -> 8192."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGbB]?)\s*", str(text))
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected a count like 8192, 500k or 2M, got {text!r}")
-    mult = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}[m.group(2).lower()]
-    return int(float(m.group(1)) * mult)
 
 
 def parse_key(text: str):
@@ -34,16 +28,16 @@ def _dtype(name: str):
 
 
 def add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
+    """The options of ``saehook train`` / ``demo``: the run's own (model, hookpoints, autoencoder shape, data,
+    output) by hand, then one flag per :class:`~saehook.TrainConfig` field, generated from the dataclass."""
     p.add_argument("--model", default=None, help="HF model name or path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--layers", nargs="+", type=parse_key, default=[20],
                    help="hookpoints: decoder-layer indices and/or module paths (default: 20)")
     p.add_argument("--latents", type=parse_count, default=4096 if demo else 16384, help="n_latents per autoencoder")
     p.add_argument("--k", type=int, default=32, help="active latents per token")
+    p.add_argument("--multi-topk", action="store_true", help="train with the Multi-TopK loss L(k) + L(4k)/8")
     p.add_argument("--tokens", type=parse_count, default=parse_count("900k" if demo else "2M"),
                    help="training tokens per hookpoint, e.g. 2M")
-    p.add_argument("--batch-tokens", type=parse_count, default=None,
-                   help="activation rows per optimizer step (default: chosen from --tokens, about 2,000 steps, "
-                        "512-8192)")
     p.add_argument("--context", type=int, default=128, help="tokens per window")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--corpus", default=None,
@@ -54,17 +48,10 @@ def add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
                    help="language model dtype; auto = bfloat16 where the device multiplies it natively (CUDA, CPUs "
                         "with AVX512-BF16/AMX), else float32 (the autoencoders train in float32)")
     p.add_argument("--device-map", default=None, help="accelerate device map for the model, e.g. auto")
-    p.add_argument("--matmul-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="dtype of the encoder's dense matmul (weights and gradients stay float32); auto as --dtype")
-    p.add_argument("--multi-topk", action="store_true", help="train with the Multi-TopK loss L(k) + L(4k)/8")
-    p.add_argument("--no-auxk", action="store_true", help="disable the AuxK loss for dead latents")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default 4 x 2e-4/sqrt(n/2^14), warm-up, linear decay over the last 20%%)")
-    p.add_argument("--shuffle-buffer", type=parse_count, default=65536, help="rows mixed across windows")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=200, help="optimizer steps between checkpoints")
     p.add_argument("--log-to", nargs="*", default=[], choices=["tensorboard", "wandb"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dataclass_args(p.add_argument_group(
+        "training recipe", "TrainConfig's fields (docs/training.md); --seed also seeds the corpus split"), TrainConfig)
 
 
 def run_train(args) -> dict:
@@ -73,12 +60,13 @@ def run_train(args) -> dict:
 
     import saehook
 
+    cfg = dataclass_from_args(TrainConfig, args)  # first: a bad value fails before the model loads
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     from .models import auto_dtype
 
     device = "cuda" if torch.cuda.is_available() and args.device_map else "cpu"
-    args.dtype, args.matmul_dtype = auto_dtype(args.dtype, device), auto_dtype(args.matmul_dtype, device)
+    args.dtype = auto_dtype(args.dtype, device)
     kwargs = {"dtype": _dtype(args.dtype)}
     if args.device_map:
         kwargs["device_map"] = args.device_map
@@ -93,9 +81,6 @@ def run_train(args) -> dict:
         hp = probe.resolve(model, key)
         d = hp.width or model.config.hidden_size
         saes[key] = saehook.TopKSAE(d, args.latents, args.k, multi_topk=args.multi_topk)
-    cfg = saehook.TrainConfig(batch_tokens=args.batch_tokens, lr=args.lr, auxk=not args.no_auxk, seed=args.seed,
-                              checkpoint_every=args.checkpoint_every, shuffle_buffer=args.shuffle_buffer,
-                              matmul_dtype=args.matmul_dtype)
     print(f"training {len(saes)} autoencoder(s) at {[str(probe.resolve(model, k)) for k in saes]}: "
           f"n_latents={args.latents}, k={args.k}, {args.tokens:,} tokens, {cfg.batch_for(args.tokens)} per step, "
           f"peak lr={cfg.lr_for(args.latents):.3g} ({cfg.lr_schedule})")

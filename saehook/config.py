@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class TrainConfig:
     """Multiplier on the paper's learning-rate rule when ``lr`` is None (1.0 = the paper's rule). The paper's
     rule was fitted to 131k-row batches trained to convergence; short runs with a decaying schedule train
     further at a higher rate (see docs/quality.md for the measurements)."""
-    lr_schedule: str = "wsd"
+    lr_schedule: Literal["wsd", "cosine", "constant"] = "wsd"
     """``"wsd"`` (linear warm-up over ``warmup_fraction``, constant, then linear decay to 0 over the last
     ``decay_fraction`` of the run), ``"cosine"`` (warm-up, then cosine decay to 0), or ``"constant"``
     (warm-up, then constant: the paper). Decay needs the run's length; without it the rate stays constant."""
@@ -52,11 +53,11 @@ class TrainConfig:
     so AuxK starts on a latent after ~5 silent steps of 512 rows."""
     multi_topk_coef: float = 1 / 8
     """Weight of the 4k reconstruction when the autoencoder has ``multi_topk``: ``L(k) + L(4k)/8``."""
-    normalize: str = "scalar"
+    normalize: Literal["scalar", "channel", "none"] = "scalar"
     """Input scale estimated from the first batches and stored in the SAE: ``"scalar"`` (one ``s`` with
     ``E||s x||^2 = d_in``), ``"channel"`` (``s_c = 1 / std_c`` per channel, so the loss weighs every channel by
     ``1 / var_c``) or ``"none"``. ``True`` / ``False`` (older configs) mean ``"scalar"`` / ``"none"``."""
-    init_b_dec: str = "geometric_median"
+    init_b_dec: Literal["geometric_median", "mean", "none"] = "geometric_median"
     """``"geometric_median"`` (paper), ``"mean"`` or ``"none"``: how ``b_dec`` is set from the first batch."""
     init_samples: int = 32768
     """Rows of the first batches used for the scale and ``b_dec`` (the paper's code uses 32,768)."""
@@ -75,11 +76,11 @@ class TrainConfig:
     """Steps between checkpoints (and always at the end)."""
     log_every: int = 10
     """Steps between metric lines in ``metrics.jsonl``."""
-    matmul_dtype: str = "float32"
+    matmul_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the encoder's dense pre-activation matmul: ``"float32"`` or ``"bfloat16"`` (2-4x faster on
     CPUs with bf16 support and on GPUs). Master weights, the selected latent values and all gradients stay
     in float32; only which latents win the top k can differ, for pre-activations tied within bf16 rounding."""
-    nan_policy: str = "raise"
+    nan_policy: Literal["raise", "skip"] = "raise"
     """Non-finite activations or loss: ``"raise"`` (error naming step and hookpoint) or ``"skip"`` (drop
     the offending rows / step and count them in the metrics)."""
     e2e_fraction: float = 0.0
@@ -87,7 +88,7 @@ class TrainConfig:
     splices the reconstructions in and minimises ``e2e_loss`` of the model's next-token predictions
     (:mod:`saehook.e2e`); 0 = off, 1 = the whole run. Costs a full forward without early stop, a second
     (clean) forward for KL, and a backward through every layer after the hookpoint."""
-    e2e_loss: str = "kl"
+    e2e_loss: Literal["kl", "ce"] = "kl"
     """End-to-end loss: ``"kl"``, the mean ``KL(p_clean || p_spliced)`` over the evaluated positions, or
     ``"ce"``, the next-token cross-entropy of the spliced model."""
     e2e_fvu_coef: float = 1.0
