@@ -4,6 +4,7 @@ on the embedded model and corpus)."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -89,6 +90,8 @@ def run_train(args) -> dict:
                               batch_size=args.batch_size, progress=not args.no_progress, log_to=args.log_to)
     print(f"\ntrained {report.tokens:,} tokens in {report.steps} steps, {report.seconds:.0f}s "
           f"({report.tokens_per_s:,.0f} tokens/s, forward + training)")
+    used = json.loads((Path(args.out) / "train_config.json").read_text()).get("matmul_dtype_used", {})
+    print(f"encoder matmul: {', '.join(sorted(set(used.values()))) or '?'} (matmul_dtype={cfg.matmul_dtype})")
     print(f"{'hookpoint':<28}{'fvu':>8}{'l0':>8}{'dead':>8}  saved to")
     for key in saes:
         m = report[key]
@@ -220,8 +223,6 @@ def add_dashboard_args(p: argparse.ArgumentParser) -> None:
 
 def run_dashboard(args):
     """Load the autoencoders of a run, the model and the held-out corpus, build the static dashboard."""
-    import json
-
     import saehook
     from saehook.dashboard import build_dashboard, load_saes
 

@@ -76,10 +76,13 @@ class TrainConfig:
     """Steps between checkpoints (and always at the end)."""
     log_every: int = 10
     """Steps between metric lines in ``metrics.jsonl``."""
-    matmul_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype of the encoder's dense pre-activation matmul: ``"float32"`` or ``"bfloat16"`` (2-4x faster on
-    CPUs with bf16 support and on GPUs). Master weights, the selected latent values and all gradients stay
-    in float32; only which latents win the top k can differ, for pre-activations tied within bf16 rounding."""
+    matmul_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype of the encoder's dense pre-activation matmul: ``"auto"`` (bfloat16 where the autoencoder's device
+    multiplies it natively: CUDA with bf16, CPUs with AVX512-BF16 or AMX; else float32; resolved per autoencoder
+    when training starts and logged, ``saehook.hardware.auto_dtype``), ``"float32"`` or ``"bfloat16"``
+    (2-4x faster where native, ~60x slower where emulated). Master weights, the selected latent values and all
+    gradients stay in float32; only which latents win the top k can differ, for pre-activations tied within
+    bf16 rounding."""
     nan_policy: Literal["raise", "skip"] = "raise"
     """Non-finite activations or loss: ``"raise"`` (error naming step and hookpoint) or ``"skip"`` (drop
     the offending rows / step and count them in the metrics)."""
@@ -118,8 +121,9 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.init_b_dec not in ("geometric_median", "mean", "none"):
             raise ValueError(f"init_b_dec must be 'geometric_median', 'mean' or 'none', got {self.init_b_dec!r}")
-        if self.matmul_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"matmul_dtype must be 'float32', 'bfloat16' or 'float16', got {self.matmul_dtype!r}")
+        if self.matmul_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"matmul_dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got "
+                             f"{self.matmul_dtype!r}")
         if self.nan_policy not in ("raise", "skip"):
             raise ValueError(f"nan_policy must be 'raise' or 'skip', got {self.nan_policy!r}")
         if self.ema is not None and not 0 < self.ema < 1:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .hardware import auto_dtype, fast_bf16  # noqa: F401  (their home before saehook.hardware)
+
 __all__ = ["EMBEDDED_ALIASES", "embedded_gguf_path", "ensure_embedded_model", "load_model"]
 
 logger = logging.getLogger(__name__)
@@ -189,32 +191,3 @@ def load_model(
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-def fast_bf16(device: torch.device | str = "cpu") -> bool:
-    """Whether bfloat16 matmuls run natively (faster than float32) on ``device``.
-
-    CUDA: ``torch.cuda.is_bf16_supported()``. CPU: the processor advertises ``avx512_bf16`` or ``amx_bf16``
-    (Linux ``/proc/cpuinfo``). Without them torch emulates bf16 products: measured 0.4 GFLOP/s against
-    25 GFLOP/s in float32 on a 2-vCPU AVX2 EPYC (a [2048, 576] x [576, 1536] product), so a bf16 model
-    or encoder matmul there is ~60x slower, not faster. Anything else (MPS, other CPUs): False.
-    """
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    if dev.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def auto_dtype(name: str, device: torch.device | str = "cpu") -> str:
-    """``"auto"`` -> ``"bfloat16"`` where :func:`fast_bf16` holds on ``device``, else ``"float32"``; any other
-    name is returned unchanged."""
-    if name != "auto":
-        return name
-    return "bfloat16" if fast_bf16(device) else "float32"

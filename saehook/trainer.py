@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .allocator import tune_cpu_allocator
 from .config import TrainConfig
+from .hardware import auto_dtype
 from .sae import SAEOutput, TopKSAE
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ class SAETrainer:
             # never before a latent had one full batch to fire in
             self.dead_threshold = max(self.batch_tokens, min(cfg.dead_tokens, int(cfg.dead_fraction * total_tokens)))
         self.k_aux = min(cfg.k_aux or sae.d_in // 2, sae.n_latents)
+        self.matmul_dtype = auto_dtype(cfg.matmul_dtype, sae.W_enc.device)
+        """The encoder matmul's dtype name: ``config.matmul_dtype`` with ``"auto"`` resolved for this device."""
+        log.info("%s: encoder matmul in %s (matmul_dtype=%r on %s)", name, self.matmul_dtype, cfg.matmul_dtype,
+                 sae.W_enc.device)
         dev = sae.W_enc.device
         self.tokens_since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=dev)
         self.step_count = 0
@@ -149,7 +154,7 @@ class SAETrainer:
         if not self.initialized:
             self.initialize(acts)
         dead = self.dead_mask if cfg.auxk else None
-        kw = dict(dead_mask=dead, k_aux=self.k_aux, matmul_dtype=getattr(torch, cfg.matmul_dtype))
+        kw = dict(dead_mask=dead, k_aux=self.k_aux, matmul_dtype=getattr(torch, self.matmul_dtype))
         if self.dist is None:
             out = sae(acts, **kw)
         else:  # DDP averages gradients; a global FVU denominator makes N ranks equal one N-times batch

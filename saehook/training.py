@@ -190,8 +190,10 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
     position = session.load(out) if resume else 0
     if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
+        # with "auto" fields as resolved on each autoencoder's device (this rank's trainers)
+        used = {"matmul_dtype_used": {session.names[k]: tr.matmul_dtype for k, tr in session.trainers.items()}}
         (out / "train_config.json").write_text(json.dumps({"tokens": tokens, "world": world, "shard": shard,
-                                                           **cfg.to_dict()}, indent=2))
+                                                           **cfg.to_dict(), **used}, indent=2))
     if dist is not None:
         D.barrier()
     # data parallel: rank 0 logs (every rank has the same numbers); layer sharded: each rank its own layers
