@@ -416,7 +416,7 @@ class _Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model, saes: Mapping[Key, TopKSAE], source, tokens: int, *, batch_size: int = 8,
+def evaluate(model, saes: Mapping[Key, TopKSAE], source, tokens: int | None = None, *, batch_size: int = 8,
              skip_positions: int = 1, joint: bool = True, dense_threshold: float = 0.1, keep_error: bool = False,
              ablations: bool = True, control: bool = True, seed: int = 0, progress: bool = False) -> EvalReport:
     """Measure autoencoders at their hookpoints of ``model`` on held-out text.
@@ -426,7 +426,8 @@ def evaluate(model, saes: Mapping[Key, TopKSAE], source, tokens: int, *, batch_s
         saes: ``{key: TopKSAE}``, keys as for :func:`saehook.attach`; the report is keyed by them.
         source: a :class:`~saehook.Corpus` (its held-out ``"test"`` windows), or an iterable of
             ``input_ids [B, T]`` tensors or of dicts for ``model(**batch)`` (``attention_mask`` marks padding).
-        tokens: evaluate at least this many positions (whole batches; ``report.tokens`` says how many).
+        tokens: evaluate at least this many positions (whole batches; ``report.tokens`` says how many);
+            None: the whole of a finite ``source`` (one with ``len()``, e.g. a list of batches).
         skip_positions: the first positions of each row that are neither measured nor spliced (BOS).
         joint: with several hookpoints, also splice all of them at once (``report.joint``).
         dense_threshold: a latent is dense if it fires on more than this fraction of tokens.
@@ -443,8 +444,15 @@ def evaluate(model, saes: Mapping[Key, TopKSAE], source, tokens: int, *, batch_s
     Per batch it runs one clean pass (reconstruction statistics and clean logits), then per hookpoint a
     spliced pass, a zero- and a mean-ablated pass (``ablations``) and the control pass (``control``), then
     the joint splice: ``1 + 4 H (+1)`` forwards with everything on, ``1 + H (+1)`` with both off.
+
+    Raises:
+        ValueError: ``tokens`` is not positive; ``tokens`` is None and ``source`` has no ``len()`` (a
+            :class:`~saehook.Corpus` or a generator may not end); the source gave no evaluated positions.
     """
-    if tokens <= 0:
+    if tokens is None and not hasattr(source, "__len__"):
+        raise ValueError(f"tokens=None evaluates the whole source, but a {type(source).__name__} has no len() and "
+                         "may never end: pass tokens=, e.g. tokens=50_000")
+    if tokens is not None and tokens <= 0:
         raise ValueError(f"tokens must be positive, got {tokens}")
     if skip_positions < 0:
         raise ValueError(f"skip_positions must be >= 0, got {skip_positions}")
@@ -454,7 +462,7 @@ def evaluate(model, saes: Mapping[Key, TopKSAE], source, tokens: int, *, batch_s
     bar = tqdm(total=tokens, unit="tok", unit_scale=True, disable=not progress, desc="saehook eval")
     try:
         for batch in eval_batches(source, batch_size):
-            if run.stats[run.keys[0]].n >= tokens:
+            if tokens is not None and run.stats[run.keys[0]].n >= tokens:
                 break
             bar.update(run.step(batch))
     finally:
@@ -464,7 +472,7 @@ def evaluate(model, saes: Mapping[Key, TopKSAE], source, tokens: int, *, batch_s
         raise ValueError("the source gave no evaluated positions (empty, or every row shorter than "
                          f"skip_positions={skip_positions} + 1)")
     n = run.stats[run.keys[0]].n
-    if n < tokens:
+    if tokens is not None and n < tokens:
         log.warning("source exhausted after %d of %d evaluated tokens", n, tokens)
     settings = {"tokens_requested": tokens, "batch_size": batch_size, "skip_positions": skip_positions,
                 "dense_threshold": dense_threshold, "keep_error": keep_error, "ablations": ablations,

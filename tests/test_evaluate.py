@@ -232,6 +232,18 @@ def test_constant_sae_and_errors():
         evaluate(tiny_model("llama"), {1: random_sae()}, [torch.ones(2, 1, dtype=torch.long)], tokens=5)
 
 
+def test_tokens_none_evaluates_a_finite_source_whole(llama_data):
+    """No token count: every position of a list of batches (2 x 8 rows x 23 evaluated positions = 368), the
+    same numbers as with the exact count; an endless source (a generator) is refused with what to pass."""
+    model, data = llama_data
+    whole = evaluate(model, {1: random_sae()}, data, control=False)
+    counted = evaluate(model, {1: random_sae()}, data, tokens=368, control=False)
+    assert whole.tokens == 368 == counted.tokens and whole.settings["tokens_requested"] is None
+    assert whole[1]["fvu"] == counted[1]["fvu"] and whole[1]["delta_lm_loss"] == counted[1]["delta_lm_loss"]
+    with pytest.raises(ValueError, match="a generator has no len\\(\\) and may never end: pass tokens="):
+        evaluate(model, {1: random_sae()}, (b for b in data))
+
+
 # ---------------------------------------------------------------------------------------------- probe loss
 def lbfgs_fit(x, y, l2):
     """The same 1-D penalised logistic regression by torch's LBFGS, for reference."""
