@@ -247,6 +247,101 @@ def run_dashboard(args):
     return index
 
 
+FIND_EPILOG = """examples:
+  saehook find runs/demo --labels bbc                       # latents specific to each BBC News topic
+  saehook find runs/demo --labels reviews.jsonl --top 5     # any {"text": ..., "label": ...} per line
+  saehook find runs/demo --text "The striker scored twice"  # which latents fire on a text, and where
+  saehook find runs/demo --search "prime minister"          # latents whose top contexts contain a phrase
+Steer with a latent found here in multiples of its typical activation ('mean act in'): see docs/steering.md."""
+
+
+class _FindHelp(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown (those of options off by default are in their help), the epilog kept as written."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def add_find_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``saehook find``."""
+    p.add_argument("run", help="a training run (its <hookpoint>/ autoencoder folders) or one autoencoder folder")
+    p.add_argument("--labels", default=None, metavar="bbc|FILE.jsonl",
+                   help="rank latents by how specific they are to each label of this labelled text (default: off)")
+    p.add_argument("--text", default=None,
+                   help="list the latents that fire on this text, with positions (default: off)")
+    p.add_argument("--search", default=None, metavar="PHRASE",
+                   help="list the latents whose top-activating contexts contain this phrase at the active token "
+                        "(default: off)")
+    p.add_argument("--top", type=int, default=10, help="rows shown per label, text or search")
+    p.add_argument("--by", default="effect", choices=["effect", "log_odds"],
+                   help="--labels ranking: effect = standardised mean activation difference, log_odds = of firing")
+    p.add_argument("--per-label", type=int, default=100, help="--labels: documents read per label (random subset)")
+    p.add_argument("--max-tokens", type=int, default=128, help="--labels: tokens read per document")
+    p.add_argument("--text-field", default="text", help="--labels FILE.jsonl: the text field")
+    p.add_argument("--label-field", default="label", help="--labels FILE.jsonl: the label field")
+    p.add_argument("--corpus", default=None,
+                   help="--search: text whose held-out split gives the top contexts (default: embedded BBC News)")
+    p.add_argument("--tokens", type=parse_count, default=parse_count("20k"),
+                   help="--search: held-out tokens read for the top contexts")
+    p.add_argument("--examples", type=int, default=20, help="--search: top contexts kept per latent")
+    p.add_argument("--anywhere", action="store_true",
+                   help="--search: match the phrase anywhere in a context, not only at the active token")
+    p.add_argument("--context", type=int, default=128, help="--search: tokens per window")
+    p.add_argument("--holdout", type=float, default=0.05, help="--search: held-out fraction of documents")
+    p.add_argument("--model", default=None, help="HF model name or path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="language model dtype")
+    p.add_argument("--batch-size", type=int, default=8, help="documents or windows per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-label subset")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_find(args) -> dict:
+    """Load the autoencoders and the model, then find latents by label, by text and by phrase; print tables."""
+    import saehook
+    from saehook.dashboard import load_saes
+    from saehook.examples import top_examples
+    from saehook.features import find_by_labels, find_by_text, labelled_texts, search_contexts
+
+    if not (args.labels or args.text or args.search):
+        print("saehook find: give at least one of --labels, --text or --search (see saehook find --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    saes = load_saes(args.run)
+    model, tok = saehook.load_model(args.model, dtype=_dtype(args.dtype))
+    found: dict = {}
+    if args.labels:
+        t0 = time.perf_counter()
+        texts, labels = labelled_texts(args.labels, per_label=args.per_label, text_field=args.text_field,
+                                       label_field=args.label_field, seed=args.seed)
+        found["labels"] = find_by_labels(model, saes, texts, labels, tokenizer=tok, max_tokens=args.max_tokens,
+                                         batch_size=args.batch_size)
+        print(f"latents by label: {len(texts)} documents of {args.labels} ({len(set(labels))} labels, at most "
+              f"{args.per_label} each, {args.max_tokens} tokens each) in {time.perf_counter() - t0:.0f}s")
+        for table in found["labels"].values():
+            print(table.table(args.top, by=args.by) + "\n")
+    if args.text:
+        found["text"] = find_by_text(model, saes, args.text, tokenizer=tok)
+        print(f"latents on the text {args.text!r}:")
+        for hits in found["text"].values():
+            print(hits.table(args.top) + "\n")
+    if args.search:
+        corpus = saehook.Corpus.from_source(args.corpus, tok, context=args.context, holdout=args.holdout,
+                                            seed=args.seed)
+        examples = top_examples(model, saes, corpus, args.tokens, n_examples=args.examples,
+                                batch_size=args.batch_size, progress=not args.no_progress)
+        found["search"] = search_contexts(examples, args.search, tok, anywhere=args.anywhere, top=args.top)
+        print(f"latents whose top {args.examples} contexts ({args.tokens:,} held-out tokens of "
+              f"{args.corpus or 'BBC News (embedded)'}) contain {args.search!r}:")
+        print(f"  {'hookpoint':<12} {'latent':>7} {'matches':>8} {'value':>7}  best matching context")
+        for m in found["search"]:
+            print(f"  {str(m.key):<12} {m.latent:>7} {f'{m.hits}/{m.examples}':>8} {m.value:>7.2f}  "
+                  f"{m.context!r}")
+        if not found["search"]:
+            print("  none (try --anywhere, more --tokens, or a shorter phrase)")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saehook", description=(
         "TopK sparse autoencoders on live Hugging Face models (Gao et al. 2024). "
@@ -273,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
                                         "precision / recall on held-out text) of saved autoencoders, as static "
                                         "HTML pages with a client-side search.")
     add_dashboard_args(p_dash)
+    p_find = sub.add_parser("find", help="find latents: by labelled text, by a text you type, by a phrase",
+                            description="Rank latents by how specific they are to each label (BBC News topics or "
+                                        "a labelled .jsonl), list the latents that fire on a text and where, and "
+                                        "search the latents' top contexts for a phrase.",
+                            epilog=FIND_EPILOG, formatter_class=_FindHelp)
+    add_find_args(p_find)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.command == "train":
@@ -281,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         run_eval(args)
     elif args.command == "dashboard":
         run_dashboard(args)
+    elif args.command == "find":
+        run_find(args)
     else:
         run_demo(args)
     return 0
