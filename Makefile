@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup system-deps demo test bench lint clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,20 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m saehook demo
 
-test: $(STAMP)
+# System packages the tests need beyond pip: headless Chromium (tests/test_dashboard.py renders the dashboard)
+# and a C compiler (tests/test_cpu_kernels.py builds saehook's C kernels). Installed with apt-get (Debian,
+# Ubuntu) only when missing, through sudo when not root; nothing happens when `chromium` and `cc` exist.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo)
+APT_NEEDS = $$(command -v chromium >/dev/null || echo chromium) $$(command -v cc >/dev/null || echo gcc libc6-dev)
+
+system-deps:
+	@if ! command -v chromium >/dev/null || ! command -v cc >/dev/null; then \
+	  command -v apt-get >/dev/null || { echo "make test needs chromium and a C compiler (cc) on PATH, and there is no apt-get here: install them with your package manager" >&2; exit 1; }; \
+	  echo "installing" $(APT_NEEDS) "with $(strip $(SUDO) apt-get)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_NEEDS); \
+	fi
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -36,7 +36,7 @@ def chromium_dom(url: str, tmp_path) -> str:
     exe = shutil.which("chromium")
     if exe is None:
         pytest.fail("chromium is not installed: this test renders the dashboard in headless Chromium. Install it "
-                    "with `apt-get install -y chromium` (Debian/Ubuntu; .ci/run does this when it is missing)")
+                    "with `apt-get install -y chromium` (Debian/Ubuntu; make test does this when it is missing)")
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--dump-dom", url]
