@@ -55,6 +55,21 @@ def add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
         "training recipe", "TrainConfig's fields (docs/training.md); --seed also seeds the corpus split"), TrainConfig)
 
 
+def train_summary(report, names: dict, out: Path) -> str:
+    """The end-of-training table: per hookpoint (``names[key]``) the smoothed training FVU
+    (``report.train_fvu``, not the last batch's), L0, dead fraction and folder."""
+    from .training import SMOOTH_STEPS
+
+    lines = [f"{'hookpoint':<28}{'train fvu*':>11}{'l0':>8}{'dead':>8}  saved to"]
+    for key, name in names.items():
+        m = report[key]
+        lines.append(f"{name:<28}{report.train_fvu.get(key, m['fvu']):>11.4f}{m['l0']:>8.1f}{m['dead_frac']:>8.2%}"
+                     f"  {out / name}")
+    lines.append(f"* train fvu: mean of the last {SMOOTH_STEPS} training steps (one batch's FVU is noisy); "
+                 "held-out figures: saehook eval")
+    return "\n".join(lines)
+
+
 def run_train(args) -> dict:
     """Load model and corpus, attach fresh autoencoders, train, print a summary; returns the report."""
     import torch
@@ -92,17 +107,15 @@ def run_train(args) -> dict:
           f"({report.tokens_per_s:,.0f} tokens/s, forward + training)")
     used = json.loads((Path(args.out) / "train_config.json").read_text()).get("matmul_dtype_used", {})
     print(f"encoder matmul: {', '.join(sorted(set(used.values()))) or '?'} (matmul_dtype={cfg.matmul_dtype})")
-    print(f"{'hookpoint':<28}{'fvu':>8}{'l0':>8}{'dead':>8}  saved to")
-    for key in saes:
-        m = report[key]
-        name = saehook.hookpoints.hookpoint_dirname(hooked.hookpoints[key])
-        print(f"{name:<28}{m['fvu']:>8.4f}{m['l0']:>8.1f}{m['dead_frac']:>8.2%}  {Path(args.out) / name}")
+    print(train_summary(report, {key: saehook.hookpoints.hookpoint_dirname(hooked.hookpoints[key]) for key in saes},
+                        Path(args.out)))
     return {"report": report, "model": model, "tokenizer": tok, "saes": saes, "corpus": corpus}
 
 
 def run_demo(args) -> None:
     """The main job: train on the embedded model and corpus, then show the autoencoder at work."""
     import saehook
+    from saehook.training import SMOOTH_STEPS
 
     res = run_train(args)
     model, tok, saes = res["model"], res["tokenizer"], res["saes"]
@@ -127,7 +140,9 @@ def run_demo(args) -> None:
     print(report.table())
     path = report.save(Path(args.out) / "report.json")
     m = report[key]
-    print(f"held-out: fvu {m['fvu']:.4f}, LM loss {m['clean_loss']:.3f} -> {m['spliced_loss']:.3f} with the "
+    train_fvu = res["report"].train_fvu.get(key, float("nan"))
+    print(f"held-out: fvu {m['fvu']:.4f} (train fvu, mean of the last {SMOOTH_STEPS} steps: {train_fvu:.4f}), "
+          f"LM loss {m['clean_loss']:.3f} -> {m['spliced_loss']:.3f} with the "
           f"reconstruction spliced in ({m['delta_lm_loss']:+.3f} nats, {m['ce_recovered_zero']:.1%} of the "
           f"zero-ablation loss recovered); report in {path}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -39,6 +40,10 @@ __all__ = ["StopForward", "TrainReport", "TrainingSession", "collect_activations
 
 log = logging.getLogger(__name__)
 
+SMOOTH_STEPS = 50
+"""Steps averaged for the smoothed training FVU of summaries (``TrainReport.train_fvu``, the progress bar):
+one step's FVU is one batch's and can be far off (an unusual last batch)."""
+
 
 @dataclass
 class TrainReport:
@@ -50,6 +55,9 @@ class TrainReport:
     seconds: float
     out: Path | None
     history: list = field(default_factory=list, repr=False)
+    train_fvu: dict = field(default_factory=dict)
+    """``{key: mean training FVU over the last SMOOTH_STEPS (50) steps of this process}``: the figure to quote
+    for a run (``report[key]["fvu"]`` is the last batch's alone)."""
 
     def __getitem__(self, key):
         return self.metrics[key]
@@ -206,6 +214,7 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
                disable=not (progress and main), desc="saehook train")
     t0, tok0 = time.perf_counter(), min((t.tokens for t in session.trainers.values()), default=0)
     logged: dict = {}
+    recent: dict = {}  # key -> the last SMOOTH_STEPS training FVUs
 
     def record(key, m):
         history.append({"hookpoint": names[key], **m})
@@ -215,13 +224,16 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
     def on_step(key, m):
         m = {**m, "tokens_per_s": (m["tokens"] - tok0) / max(time.perf_counter() - t0, 1e-9)}
         session.last[key] = m
+        if "fvu" in m:
+            recent.setdefault(key, deque(maxlen=SMOOTH_STEPS)).append(float(m["fvu"]))
         if int(m["step"]) % cfg.log_every == 0 or int(m["step"]) == 1:
             record(key, m)
         if key == next(iter(session.trainers)):
             bar.n = min(int(m["tokens"]), tokens)
             e2e = {cfg.e2e_loss: f"{m[cfg.e2e_loss]:.4f}"} if cfg.e2e_loss in m else {}
-            bar.set_postfix(fvu=f"{m.get('fvu', float('nan')):.3f}", l0=f"{m.get('l0', 0):.1f}",
-                            dead=f"{m['dead_frac']:.2%}", **e2e, refresh=False)
+            fvu = sum(recent[key]) / len(recent[key]) if key in recent else float("nan")
+            bar.set_postfix({f"fvu (mean of last {SMOOTH_STEPS})": f"{fvu:.3f}", "l0": f"{m.get('l0', 0):.1f}",
+                             "dead": f"{m['dead_frac']:.2%}", **e2e}, refresh=False)
             bar.refresh()
 
     def all_min(v: int) -> int:
@@ -288,4 +300,5 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
         bar.close()
         logger.close()
     return TrainReport(dict(session.last), min((t.tokens for t in session.trainers.values()), default=0),
-                       session.steps, time.perf_counter() - t0, out, history)
+                       session.steps, time.perf_counter() - t0, out, history,
+                       {key: sum(v) / len(v) for key, v in recent.items()})

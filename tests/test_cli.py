@@ -87,3 +87,22 @@ def test_demo_command_trains_steers_and_evaluates(local_model, tmp_path, capsys)
     entry = next(iter(report["hookpoints"].values()))
     assert 0 < entry["fvu"] < 2 and entry["tokens"] >= 64 and entry["delta_lm_loss"] is not None
     assert saehook.TopKSAE.load(out / "model.layers.1").metadata["tokens"] >= 1000
+
+
+def test_train_summary_quotes_the_smoothed_fvu(local_model, tmp_path, capsys):
+    """The summary table's FVU is the mean of the last 50 steps' (metrics.jsonl, one line per step here),
+    not the last batch's."""
+    path, text = local_model
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(path), "--corpus", str(text), "--layers", "1", "--latents", "64", "--k", "4",
+                 "--tokens", "6k", "--batch-tokens", "64", "--init-samples", "256", "--context", "16",
+                 "--batch-size", "4", "--shuffle-buffer", "256", "--dtype", "float32", "--out", str(out),
+                 "--log-every", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    fvus = [json.loads(x)["fvu"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(fvus) >= 90
+    smoothed, last = sum(fvus[-50:]) / 50, fvus[-1]
+    assert abs(smoothed - last) > 1e-4  # the two differ, so the test tells them apart
+    row = next(line for line in printed.splitlines() if line.startswith("model.layers.1 "))
+    assert row.split()[1] == f"{smoothed:.4f}"
+    assert "* train fvu: mean of the last 50 training steps" in printed
