@@ -290,13 +290,14 @@ def add_find_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=10, help="rows shown per label, text or search")
     p.add_argument("--by", default="effect", choices=["effect", "log_odds"],
                    help="--labels ranking: effect = standardised mean activation difference, log_odds = of firing")
-    p.add_argument("--per-label", type=int, default=100, help="--labels: documents read per label (random subset)")
+    p.add_argument("--per-label", type=int, default=50,
+                   help="--labels: documents read per label (random subset); BBC News: 250 documents, 32k tokens")
     p.add_argument("--max-tokens", type=int, default=128, help="--labels: tokens read per document")
     p.add_argument("--text-field", default="text", help="--labels FILE.jsonl: the text field")
     p.add_argument("--label-field", default="label", help="--labels FILE.jsonl: the label field")
     p.add_argument("--corpus", default=None,
                    help="--search: text whose held-out split gives the top contexts (default: embedded BBC News)")
-    p.add_argument("--tokens", type=parse_count, default=parse_count("20k"),
+    p.add_argument("--tokens", type=parse_count, default=parse_count("10k"),
                    help="--search: held-out tokens read for the top contexts")
     p.add_argument("--examples", type=int, default=20, help="--search: top contexts kept per latent")
     p.add_argument("--anywhere", action="store_true",
@@ -330,7 +331,7 @@ def run_find(args) -> dict:
         texts, labels = labelled_texts(args.labels, per_label=args.per_label, text_field=args.text_field,
                                        label_field=args.label_field, seed=args.seed)
         found["labels"] = find_by_labels(model, saes, texts, labels, tokenizer=tok, max_tokens=args.max_tokens,
-                                         batch_size=args.batch_size)
+                                         batch_size=args.batch_size, progress=not args.no_progress)
         print(f"latents by label: {len(texts)} documents of {args.labels} ({len(set(labels))} labels, at most "
               f"{args.per_label} each, {args.max_tokens} tokens each) in {time.perf_counter() - t0:.0f}s")
         for table in found["labels"].values():

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .corpus import bbc_news, jsonl
 from .examples import TopExamples, as_saes, decode_token, encoded_batches
@@ -37,7 +38,7 @@ __all__ = ["ContextMatch", "LabelLatent", "LabelTable", "TextHit", "TextLatents"
 def labelled_texts(source: str | Path = "bbc", *, per_label: int | None = None, text_field: str = "text",
                    label_field: str = "label", seed: int = 0) -> tuple[list[str], list[str]]:
     """``(texts, labels)`` of a labelled source: ``"bbc"`` (the embedded BBC News corpus, labels business,
-    entertainment, politics, sport, tech) or a ``.jsonl`` file of ``{"text": ..., "label": ...}`` objects.
+    entertainment, politics, sports, tech) or a ``.jsonl`` file of ``{"text": ..., "label": ...}`` objects.
 
     ``per_label`` keeps at most that many documents of each label (a random subset drawn with ``seed``,
     in source order). Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for another kind of
@@ -208,7 +209,7 @@ class LabelTable:
 @torch.no_grad()
 def find_by_labels(model, saes: Mapping[Key, TopKSAE] | TopKSAE, texts: Sequence, labels: Sequence, *,
                    tokenizer=None, max_tokens: int | None = 128, batch_size: int = 8, skip_positions: int = 1,
-                   smoothing: float = 0.5) -> dict[Key, LabelTable]:
+                   smoothing: float = 0.5, progress: bool = False) -> dict[Key, LabelTable]:
     """Per hookpoint, every latent's firing counts per label, ranked by :meth:`LabelTable.top`.
 
     Args:
@@ -220,6 +221,7 @@ def find_by_labels(model, saes: Mapping[Key, TopKSAE] | TopKSAE, texts: Sequence
         max_tokens: each document is cut to this many tokens (BOS included; None: whole documents).
         skip_positions: the first tokens of each document (BOS) are not counted.
         smoothing: the pseudo-count ``α`` of the log-odds (:class:`LabelTable`).
+        progress: show a progress bar over the documents.
 
     Returns ``{key: LabelTable}``. Cost: one forward (to the deepest hookpoint) over every document.
     """
@@ -237,8 +239,10 @@ def find_by_labels(model, saes: Mapping[Key, TopKSAE] | TopKSAE, texts: Sequence
     squares = {k: torch.zeros(L * s.n_latents, dtype=torch.float64) for k, s in saes.items()}
     tokens = torch.zeros(L, dtype=torch.long)
     row_labels = label_ids.split(batch_size)
+    bar = tqdm(total=len(docs), unit="doc", disable=not progress, desc="saehook find_by_labels")
     for (_, evaluated, _, codes), lab in zip(encoded_batches(model, saes, _padded(docs, batch_size),
                                                              skip_positions=skip_positions), row_labels):
+        bar.update(len(lab))
         evaluated = evaluated.cpu()
         tok_lab = lab.unsqueeze(1).expand_as(evaluated)  # [B, T]
         tokens += torch.bincount(tok_lab[evaluated], minlength=L)
@@ -249,6 +253,7 @@ def find_by_labels(model, saes: Mapping[Key, TopKSAE] | TopKSAE, texts: Sequence
             fires[key] += torch.bincount(flat, minlength=len(fires[key]))
             sums[key].index_add_(0, flat, vals[on].double())
             squares[key].index_add_(0, flat, vals[on].double() ** 2)
+    bar.close()
     return {k: LabelTable(k, names, tokens.clone(), fires[k].view(L, -1), sums[k].view(L, -1),
                           squares[k].view(L, -1), smoothing) for k in saes}
 
