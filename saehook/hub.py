@@ -10,6 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from . import atomic
 from .hookpoints import hookpoint_dirname
 from .sae import TopKSAE
 
@@ -134,10 +135,10 @@ def model_card(sae: TopKSAE, *, repo_id: str | None = None, hookpoint: str | Non
 
 def save_with_card(sae: TopKSAE, path: str | os.PathLike, *, repo_id: str | None = None,
                    hookpoint: str | None = None) -> Path:
-    """``sae.save(path)`` plus ``path/README.md`` = :func:`model_card`. Returns ``path``."""
-    path = Path(sae.save(path))
-    (path / CARD_NAME).write_text(model_card(sae, repo_id=repo_id, hookpoint=hookpoint))
-    return path
+    """``sae.save(path)`` plus ``path/README.md`` = :func:`model_card`, written as one unit
+    (:func:`saehook.atomic.write_folder`). Returns ``path``."""
+    card = model_card(sae, repo_id=repo_id, hookpoint=hookpoint).encode()
+    return atomic.write_folder(path, {**sae.to_files(), CARD_NAME: card})
 
 
 def push_to_hub(sae: TopKSAE, repo_id: str, *, hookpoint: str | None = None, private: bool = False,

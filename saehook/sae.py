@@ -34,8 +34,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from . import atomic
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
@@ -317,26 +319,28 @@ class TopKSAE(nn.Module):
             "metadata": self.metadata,
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path/cfg.json`` and ``path/sae.safetensors`` (nothing pickled).
+    def to_files(self) -> dict[str, bytes]:
+        """``{"cfg.json": ..., "sae.safetensors": ...}``: everything :meth:`save` writes, serialised in memory.
+        Raises ``TypeError`` / ``ValueError`` when ``metadata`` holds a value JSON cannot encode."""
+        text = atomic.json_bytes(self.config(), indent=2, sort_keys=True)
+        weights = atomic.safetensors_bytes(self.state_dict(), metadata={"format": FORMAT})
+        return {CFG_NAME: text, WEIGHTS_NAME: weights}
 
-        Each file is written to a temporary name, flushed to disk and renamed over the old one,
-        so a crash mid-save leaves the previous checkpoint readable.
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/cfg.json`` and ``path/sae.safetensors`` (nothing pickled) as one unit.
+
+        Both files are serialised in memory, written into a temporary sibling folder and swapped in together
+        (:func:`saehook.atomic.write_folder`): a failure or a crash at any point leaves the previous save
+        loadable, never new weights under an old config. Other files already in ``path`` are kept.
         """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items()}
-        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-        text = json.dumps(self.config(), indent=2, sort_keys=True)
-        _atomic_write(path / CFG_NAME, lambda tmp: Path(tmp).write_text(text))
-        return path
+        return atomic.write_folder(path, self.to_files())
 
     @classmethod
     def load(
         cls, path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> TopKSAE:
         """Load a directory written by :meth:`save`, validating the config and every tensor shape."""
-        path = Path(path)
+        path = atomic.committed(path)
         cfg_file, w_file = path / CFG_NAME, path / WEIGHTS_NAME
         for f in (cfg_file, w_file):
             if not f.is_file():
@@ -384,17 +388,6 @@ class TopKSAE(nn.Module):
                  else f"{float(s):.4g}")
         return (f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}, multi_topk={self.multi_topk}, "
                 f"input_scale={scale}")
-
-
-def _atomic_write(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ Single process: every hookpoint is trained here. With several ranks (see :mod:`s
 - ``shard="layers"``: autoencoder i is owned by rank ``i % world``; each hookpoint's rows are gathered to
   its owner, which alone trains it.
 
-Checkpoint layout (one folder per step, renamed into place, then ``LATEST`` switched)::
+Checkpoint layout (one folder per step, swapped into place by :mod:`saehook.atomic`, then ``LATEST`` switched)::
 
     step-0000500/state.json                            data position, config, world size, shard mode
     step-0000500/<hookpoint>/cfg.json, sae.safetensors the autoencoder
@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from . import atomic
 from . import distributed as D
 from .buffer import ShuffleBuffer
 from .config import TrainConfig
 from .forward import StopForward
 from .hookpoints import hookpoint_dirname
-from .sae import _atomic_write
 from .trainer import SAETrainer
 
 log = logging.getLogger(__name__)
@@ -144,8 +143,10 @@ class TrainingSession:
         return key in self.trainers and (self.shard == "layers" or self.dist is None or self.dist.main)
 
     def save(self, out: Path, position: int, keep: int = 2) -> Path:
-        """Write a complete checkpoint into a temporary folder, rename it into place, then point LATEST
-        at it: a kill at any moment leaves the previous checkpoint loadable. Also refresh ``out/<hookpoint>``."""
+        """Write a complete checkpoint into a temporary folder, swap it into place, then point LATEST at it
+        (:mod:`saehook.atomic`): a failure or a kill at any moment leaves the previous checkpoint loadable, and
+        re-saving the step LATEST names never removes it first. Then refresh each ``out/<hookpoint>``, one unit
+        each. Everything of a file is serialised before it is written."""
         main = self.dist is None or self.dist.main
         sync = D.barrier if self.dist is not None else (lambda: None)
         root = out / "checkpoints"
@@ -159,23 +160,21 @@ class TrainingSession:
         sync()
         rank = self.dist.rank if self.dist else 0
         for key, tr in self.trainers.items():
-            d = tmp / self.names[key]
-            d.mkdir(exist_ok=True)
+            files = {}
             if self._writes_sae(key):
-                tr.sae.save(d)
-                save_file(tr.state_tensors(), str(d / "trainer.safetensors"))
-                (d / "trainer.json").write_text(json.dumps(tr.state_scalars()))
-            save_file(self.buffers[key].state(), str(d / f"buffer.rank{rank}.safetensors"))
+                files.update(tr.sae.to_files())
+                files["trainer.safetensors"] = atomic.safetensors_bytes(tr.state_tensors())
+                files["trainer.json"] = atomic.json_bytes(tr.state_scalars(), indent=None)
+            files[f"buffer.rank{rank}.safetensors"] = atomic.safetensors_bytes(self.buffers[key].state())
+            atomic.write_into(tmp / self.names[key], files)
         sync()
         if main:
             world = self.dist.world if self.dist else 1
             state = {"position": position, "world": world, "shard": self.shard, "config": self.cfg.to_dict(),
                      "hookpoints": self.names and {self.names[k]: repr(k) for k in self.owner}}
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-            final = root / name
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            _atomic_write(root / "LATEST", lambda p: Path(p).write_text(name))
+            atomic.write_into(tmp, {"state.json": atomic.json_bytes(state)})
+            atomic.replace_folder(tmp, root / name)
+            atomic.write_file(root / "LATEST", name.encode())
             old = sorted(p for p in root.glob("step-*") if p.name != name)
             for p in old[: max(0, len(old) - (keep - 1))]:
                 shutil.rmtree(p, ignore_errors=True)
@@ -187,7 +186,7 @@ class TrainingSession:
 
     def load(self, out: Path) -> int:
         """Restore from ``out/checkpoints/LATEST``; returns the data position (source batches consumed)."""
-        ck = out / "checkpoints" / (out / "checkpoints" / "LATEST").read_text().strip()
+        ck = atomic.committed(out / "checkpoints" / (out / "checkpoints" / "LATEST").read_text().strip())
         state = json.loads((ck / "state.json").read_text())
         world, rank = (self.dist.world, self.dist.rank) if self.dist else (1, 0)
         if state["world"] != world or state["shard"] != self.shard:

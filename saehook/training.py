@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import atomic
 from . import distributed as D
 from .config import TrainConfig
 from .forward import StopForward
@@ -200,8 +201,8 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
         out.mkdir(parents=True, exist_ok=True)
         # with "auto" fields as resolved on each autoencoder's device (this rank's trainers)
         used = {"matmul_dtype_used": {session.names[k]: tr.matmul_dtype for k, tr in session.trainers.items()}}
-        (out / "train_config.json").write_text(json.dumps({"tokens": tokens, "world": world, "shard": shard,
-                                                           **cfg.to_dict(), **used}, indent=2))
+        atomic.write_file(out / "train_config.json", atomic.json_bytes({"tokens": tokens, "world": world,
+                                                                        "shard": shard, **cfg.to_dict(), **used}))
     if dist is not None:
         D.barrier()
     # data parallel: rank 0 logs (every rank has the same numbers); layer sharded: each rank its own layers

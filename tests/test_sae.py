@@ -240,14 +240,16 @@ def test_save_overwrites_atomically_and_leaves_no_temp(tmp_path):
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     a = make_sae(seed=0)
     a.save(tmp_path)
-    import saehook.sae as mod
+    import saehook.atomic as mod
 
-    def exploding_save_file(tensors, filename, metadata=None):
-        with open(filename, "wb") as fh:
-            fh.write(b"partial garbage")
-        raise KeyboardInterrupt("killed mid-save")
+    real = mod._write_new
 
-    monkeypatch.setattr(mod, "save_file", exploding_save_file)
+    def exploding_write(path, data):  # the weights file half written, then the process interrupted
+        real(path, b"partial garbage" if path.name == "sae.safetensors" else data)
+        if path.name == "sae.safetensors":
+            raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(mod, "_write_new", exploding_write)
     with pytest.raises(KeyboardInterrupt):
         make_sae(seed=1).save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "sae.safetensors"]

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from ..sae import SAEConfigError, TopKSAE, _atomic_write
+from .. import atomic
+from ..sae import SAEConfigError, TopKSAE
 
 
 class FormatError(SAEConfigError):
@@ -35,7 +36,14 @@ def listing(path: Path, limit: int = 30) -> list[str]:
     return names[:limit] + ([f"... {len(names) - limit} more"] if len(names) > limit else [])
 
 
+def committed_file(path: Path) -> Path:
+    """``path`` inside the folder a reader should read (:func:`saehook.atomic.committed`): the previous save's
+    aside copy when a save was killed between its two renames."""
+    return atomic.committed(path.parent) / path.name
+
+
 def read_json(path: Path) -> dict:
+    path = committed_file(path)
     try:
         cfg = json.loads(path.read_text())
     except FileNotFoundError:
@@ -49,6 +57,7 @@ def read_json(path: Path) -> dict:
 
 def tensor_names(path: Path) -> set[str]:
     """The tensor names in a safetensors file, read from its header only."""
+    path = committed_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return set(f.keys())
@@ -57,22 +66,13 @@ def tensor_names(path: Path) -> set[str]:
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
+    path = committed_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; found in {path.parent}: {listing(path.parent)}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise FormatError(f"{path} is unreadable or truncated ({e})") from None
-
-
-def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    tensors = {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def write_json(path: Path, obj: dict) -> None:
-    text = json.dumps(obj, indent=2)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def check_tensors(tensors: dict[str, Tensor], required: set[str], allowed: set[str], where: str, fmt: str) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import committed
 from ..hookpoints import hookpoint_dirname
 from ..sae import CFG_NAME, WEIGHTS_NAME, TopKSAE
 from . import saelens, sparsify
@@ -24,7 +25,7 @@ MAX_DEPTH = 3
 
 def single_format(path: str | os.PathLike) -> str | None:
     """The format of one autoencoder at ``path`` (one of :data:`FORMATS`), or None if it is not one."""
-    path = Path(path)
+    path = committed(path)
     if path.is_file():
         return "openai" if is_torch_file(path) else None
     if not (path / CFG_NAME).is_file():
@@ -137,7 +138,7 @@ def load(
     ``revision``, ``token``, ``cache_dir``: passed to ``snapshot_download`` for Hub repos.
     """
     path = Path(path_or_hub_id).expanduser()
-    if not path.exists():
+    if not committed(path).exists():
         text = os.fspath(path_or_hub_id)
         if isinstance(path_or_hub_id, str) and HUB_ID.match(text):
             path = _download(text, hookpoint, revision=revision, token=token, cache_dir=cache_dir)

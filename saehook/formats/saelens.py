@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .. import atomic
 from ..sae import TopKSAE
 from ._common import (
     FormatError,
@@ -38,8 +39,6 @@ from ._common import (
     folded_weights,
     read_json,
     read_safetensors,
-    write_json,
-    write_safetensors,
 )
 from .layernorm import LayerNormTopKSAE
 
@@ -69,7 +68,7 @@ def load_saelens(path: str | os.PathLike, *, device: torch.device | str | None =
     ``blocks.8.hook_resid_post``), ``source_format`` and the original ``saelens_cfg``. Other architectures
     (``standard``, ``gated``, ``jumprelu``, ...) are refused: saehook loads TopK autoencoders only.
     """
-    path = Path(path)
+    path = atomic.committed(path)
     cfg = read_json(path / CFG)
     where = str(path)
     arch = cfg.get("architecture", "standard")
@@ -151,10 +150,9 @@ def save_saelens(sae: TopKSAE, path: str | os.PathLike, *, hook_name: str | None
     folded the same way, channel by channel (``W_enc diag(s)``, ``W_dec diag(1/s)``, ``b_dec / s``). A
     :class:`~saehook.formats.LayerNormTopKSAE` is written with ``normalize_activations: "layer_norm"``.
     ``hook_name`` / ``model_name`` default to the autoencoder's metadata; ``hook_layer`` to the number in a
-    ``blocks.<n>.`` hook name.
+    ``blocks.<n>.`` hook name. Both files are written as one unit (:func:`saehook.atomic.write_folder`): a
+    failed save leaves the previous contents of ``path``.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     md = sae.metadata
     hook_name = hook_name or md.get("hook_name") or md.get("hookpoint")
     model_name = model_name or md.get("model")
@@ -191,6 +189,4 @@ def save_saelens(sae: TopKSAE, path: str | os.PathLike, *, hook_name: str | None
         "metadata": {"model_name": model_name, "hook_name": hook_name, "hook_head_index": None,
                      "prepend_bos": True},
     }
-    write_safetensors(path / WEIGHTS, tensors)
-    write_json(path / CFG, cfg)
-    return path
+    return atomic.write_folder(path, {WEIGHTS: atomic.safetensors_bytes(tensors), CFG: atomic.json_bytes(cfg)})

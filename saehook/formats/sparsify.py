@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import atomic
 from ..sae import TopKSAE
 from ._common import (
     FormatError,
@@ -24,8 +25,6 @@ from ._common import (
     read_json,
     read_safetensors,
     tensor_names,
-    write_json,
-    write_safetensors,
 )
 
 CFG = "cfg.json"
@@ -46,7 +45,8 @@ def load_sparsify(path: str | os.PathLike, *, device: torch.device | str | None 
     names them), ``source_format`` and the original ``sparsify_cfg``. Transcoders (``transcode``), skip
     connections (``W_skip``) and non-TopK activations are refused with the reason.
     """
-    path = Path(path)
+    name = Path(path).name  # the hookpoint, even when reading a killed save's aside copy
+    path = atomic.committed(path)
     cfg = read_json(path / CFG)
     where = str(path)
     activation = cfg.get("activation", "topk")
@@ -68,7 +68,7 @@ def load_sparsify(path: str | os.PathLike, *, device: torch.device | str | None 
     if cfg.get("d_in", d) != d or cfg.get("num_latents") not in (None, 0, n):
         raise FormatError(f"{where}: cfg.json (d_in={cfg.get('d_in')}, num_latents={cfg.get('num_latents')}) "
                           f"does not match encoder.weight of shape {tuple(W_enc.shape)} [num_latents, d_in]")
-    meta = {"hookpoint": path.name, "source_format": "sparsify", "sparsify_cfg": cfg}
+    meta = {"hookpoint": name, "source_format": "sparsify", "sparsify_cfg": cfg}
     return build_sae(W_enc, t["encoder.bias"], t["W_dec"], t["b_dec"], cfg["k"], where=where,
                      multi_topk=bool(cfg.get("multi_topk", False)), dtype=dtype, device=device, metadata=meta)
 
@@ -97,6 +97,8 @@ def save_sparsify(sae: TopKSAE, path: str | os.PathLike) -> Path:
     in docs/formats.md): latents and reconstructions are unchanged.
     ``normalize_decoder`` is written true only if the (folded) decoder rows have unit norm, since sparsify
     renormalises them after every training step. A layer-norm autoencoder cannot be represented: error.
+    Both files are written as one unit (:func:`saehook.atomic.write_folder`): a failed save leaves the previous
+    contents of ``path``.
     """
     from .layernorm import LayerNormTopKSAE
 
@@ -104,8 +106,6 @@ def save_sparsify(sae: TopKSAE, path: str | os.PathLike) -> Path:
         raise FormatError("sparsify has no per-row layer-norm input normalisation, so this LayerNormTopKSAE cannot "
                           "be written in its format without changing its outputs; use save_saelens (layer_norm) "
                           "or sae.save")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     W_enc, b_enc, W_dec, b_dec = folded_weights(sae)
     unit = bool(torch.allclose(W_dec.double().norm(dim=1), torch.ones(sae.n_latents, dtype=torch.float64),
                                atol=1e-3))
@@ -121,6 +121,5 @@ def save_sparsify(sae: TopKSAE, path: str | os.PathLike) -> Path:
         "d_in": sae.d_in,
     }
     tensors = {"encoder.weight": W_enc, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-    write_safetensors(path / WEIGHTS, tensors, metadata={"format": "pt"})
-    write_json(path / CFG, cfg)
-    return path
+    return atomic.write_folder(path, {WEIGHTS: atomic.safetensors_bytes(tensors, metadata={"format": "pt"}),
+                                      CFG: atomic.json_bytes(cfg)})
