@@ -16,8 +16,9 @@ from .ablation import ablation_sparsity
 from .config import TrainConfig
 from .corpus import Corpus
 from .evaluate import EvalReport, evaluate
-from .formats import FormatError, LayerNormTopKSAE, LNCodes, load
+from .formats import FormatError, load
 from .hooks import Hooked, attach
+from .layernorm_sae import LayerNormTopKSAE, LNCodes
 from .models import load_model
 from .probe import probe_loss
 from .sae import Codes, SAEConfigError, SAEOutput, TopKSAE, fvu, geometric_median

@@ -32,6 +32,17 @@ class ShuffleBuffer:
         keep = 0 if flush else self.capacity
         return 0 if self.n < keep + self.batch else (self.n - keep) // self.batch
 
+    def head(self, n: int) -> Tensor:
+        """The first ``min(n, self.n)`` rows held, ``[m, d]``, without removing them: in the order they were
+        added as long as no batch has left (the first :meth:`batches` call permutes what stays)."""
+        out, left = [], n
+        for r in self.rows:
+            if left <= 0:
+                break
+            out.append(r[:left])
+            left -= len(out[-1])
+        return torch.cat(out) if out else torch.zeros(0, self.d, device=self.device)
+
     def batches(self, flush: bool = False, limit: int | None = None) -> list[Tensor]:
         """Full batches ready to train on (at most ``limit``); ``flush`` also drains the mixing reserve."""
         n_batches = self.ready(flush) if limit is None else min(limit, self.ready(flush))

@@ -152,19 +152,51 @@ class TopKSAE(nn.Module):
         """Whether ``input_scale`` is a ``[d_in]`` vector (per-channel standardisation) rather than a scalar."""
         return self.input_scale.dim() == 1
 
-    def pre_acts(self, x: Tensor) -> Tensor:
-        """``W_enc (s x - b_dec) + b_enc``: the dense ``[..., n_latents]`` pre-activations."""
+    # ------------------------------------------------------------------ the normalisation (what subclasses change)
+    format_name = FORMAT
+    """The ``"format"`` of this class's ``cfg.json``; :meth:`load` refuses any other."""
+    per_row_scale = False
+    """True for subclasses whose normalisation depends on each row (e.g. a layer norm), so that turning a
+    latent-space change into activation units needs that row's code (see :meth:`unscale`)."""
+
+    def normalise(self, x: Tensor) -> tuple[Tensor, object]:
+        """``x [..., d_in] -> (x' [..., d_in], state)``: the input in normalised units, in the autoencoder's
+        dtype, and what :meth:`unnormalise` needs to undo it. Here ``x' = s x`` and ``state`` is None (``s`` is
+        the ``input_scale`` buffer). Every other method (encode, decode, forward, training) goes through this
+        pair, so a subclass with another normalisation overrides only them (and :meth:`make_codes` /
+        :meth:`codes_state` when the state travels with the codes). Raises ``ValueError`` when the width is not
+        ``d_in``."""
         self._check_width(x)
-        x = x.to(self.W_enc.dtype) * self.input_scale
-        return F.linear(x - self.b_dec, self.W_enc, self.b_enc)
+        return x.to(self.W_enc.dtype) * self.input_scale, None
+
+    def unnormalise(self, x_hat: Tensor, state: object = None) -> Tensor:
+        """``x_hat' [..., d_in]`` in normalised units -> the input's units: ``x_hat' / s`` (``state`` unused)."""
+        return x_hat / self.input_scale
+
+    def make_codes(self, values: Tensor, indices: Tensor, state: object = None) -> Codes:
+        """The :class:`Codes` that :meth:`encode` and :meth:`forward` return for rows normalised with ``state``;
+        here plain ``Codes(values, indices)`` (a subclass whose :meth:`unnormalise` needs the state attaches it)."""
+        return Codes(values, indices)
+
+    def codes_state(self, codes: Codes) -> object:
+        """The normalisation state :meth:`decode` hands to :meth:`unnormalise` for ``codes``; here None."""
+        return None
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """``W_enc (x' - b_dec) + b_enc`` with ``x'`` = :meth:`normalise` ``(x)`` (``s x`` here): the dense
+        ``[..., n_latents]`` pre-activations."""
+        return F.linear(self.normalise(x)[0] - self.b_dec, self.W_enc, self.b_enc)
 
     def _topk(self, pre: Tensor, k: int) -> Codes:
         values, indices = pre.topk(k, dim=-1, sorted=True)
         return Codes(values.relu(), indices)  # ReLU on the k survivors only
 
     def encode(self, x: Tensor, k: int | None = None) -> Codes:
-        """``x [..., d_in] -> Codes(values [..., k], indices [..., k])``; ``k`` defaults to ``self.k``."""
-        return self._topk(self.pre_acts(x), k or self.k)
+        """``x [..., d_in] -> Codes(values [..., k], indices [..., k])`` (:meth:`make_codes`, carrying the
+        normalisation state when the class needs one to decode); ``k`` defaults to ``self.k``."""
+        xn, state = self.normalise(x)
+        codes = self._topk(F.linear(xn - self.b_dec, self.W_enc, self.b_enc), k or self.k)
+        return self.make_codes(codes.values, codes.indices, state)
 
     def _decode_normalised(self, codes: Codes, bias: bool = True) -> Tensor:
         # sum_j values[j] * W_dec[indices[j]] via embedding_bag: touches only the k active rows. Under
@@ -181,18 +213,15 @@ class TopKSAE(nn.Module):
         out = out.reshape(*shape[:-1], self.d_in)
         return out + self.b_dec if bias else out
 
-    per_row_scale = False
-    """True for subclasses whose normalisation depends on each row (e.g. a layer norm), so that turning a
-    latent-space change into activation units needs that row's code (see :meth:`unscale`)."""
-
     def unscale(self, delta: Tensor, codes: Codes | None = None) -> Tensor:
         """Turn a change made in normalised units (e.g. ``v * W_dec[j]``) into activation units: ``/ s``
         (channel by channel when ``s`` is per-channel)."""
         return delta / self.input_scale
 
     def decode(self, codes: Codes) -> Tensor:
-        """``Codes -> x_hat [..., d_in] = (W_dec^T z + b_dec) / s``, from the k active rows only."""
-        return self._decode_normalised(codes) / self.input_scale
+        """``Codes -> x_hat [..., d_in]`` = :meth:`unnormalise` ``(W_dec^T z + b_dec)`` (``/ s`` here), from the
+        k active rows only."""
+        return self.unnormalise(self._decode_normalised(codes), self.codes_state(codes))
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None,
                 matmul_dtype: torch.dtype | None = None, variance_fn=None) -> SAEOutput:
@@ -205,12 +234,13 @@ class TopKSAE(nn.Module):
         matmul is dense (in ``matmul_dtype`` if given, e.g. bfloat16); the backward touches the k selected
         latents per row. Gradients equal those of the dense formula. ``variance_fn`` maps rows to the
         FVU denominator (default :func:`total_variance`; data-parallel training passes a global one).
+        Everything is measured on ``x' = normalise(x)``; ``x_hat`` is :meth:`unnormalise`'d to the input's units.
         """
         from .kernels import TopKEncode
 
-        self._check_width(x)
         lead = x.shape[:-1]
-        xn = x.reshape(-1, self.d_in).to(self.W_enc.dtype) * self.input_scale
+        xn_lead, state = self.normalise(x)
+        xn = xn_lead.reshape(-1, self.d_in)
         k_big = min(4 * self.k, self.n_latents) if self.multi_topk else self.k
         dm, n_aux = None, 0
         if dead_mask is not None:
@@ -229,9 +259,9 @@ class TopKSAE(nn.Module):
         if dm is not None:
             e = (xn - xn_hat).detach()
             auxk = fvu(e, self._decode_normalised(Codes(aux_vals, aux_idx), bias=False), var(e))
-        x_hat = (xn_hat / self.input_scale).reshape(*lead, self.d_in)
-        return SAEOutput(x_hat, Codes(codes.values.reshape(*lead, self.k), codes.indices.reshape(*lead, self.k)),
-                         main, auxk, multi)
+        x_hat = self.unnormalise(xn_hat.reshape(*lead, self.d_in), state)
+        return SAEOutput(x_hat, self.make_codes(codes.values.reshape(*lead, self.k),
+                                                codes.indices.reshape(*lead, self.k), state), main, auxk, multi)
 
     # ------------------------------------------------------------------ in-place maintenance
     @torch.no_grad()
@@ -296,11 +326,18 @@ class TopKSAE(nn.Module):
                                       error_msgs)
 
     @torch.no_grad()
-    def init_b_dec_(self, x: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
-        """Set ``b_dec`` to the geometric median of ``s x`` for a sample ``x [N, d_in]`` (Weiszfeld)."""
-        self._check_width(x)
-        xn = x.reshape(-1, self.d_in).to(self.b_dec) * self.input_scale
-        self.b_dec.copy_(geometric_median(xn, max_iter=max_iter, tol=tol))
+    def init_b_dec_(self, x: Tensor, max_iter: int = 100, tol: float = 1e-5, *,
+                    method: str = "geometric_median") -> Tensor:
+        """Set ``b_dec`` from a sample ``x [N, d_in]`` in normalised units (``x' = normalise(x)``, ``s x`` here):
+        ``method="geometric_median"`` (Weiszfeld iterations, the paper) or ``"mean"`` (the mean of ``x'``).
+        Call it after the input scale is set. Returns ``b_dec``; raises ``ValueError`` for another method."""
+        if method not in ("geometric_median", "mean"):
+            raise ValueError(f"init_b_dec_ method must be 'geometric_median' or 'mean', got {method!r}")
+        xn = self.normalise(x.reshape(-1, x.shape[-1]))[0]
+        if method == "mean":
+            self.b_dec.copy_(xn.float().mean(0))
+        else:
+            self.b_dec.copy_(geometric_median(xn, max_iter=max_iter, tol=tol))
         return self.b_dec
 
     # ------------------------------------------------------------------ persistence
@@ -353,8 +390,9 @@ class TopKSAE(nn.Module):
         missing = [key for key in ("d_in", "n_latents", "k") if key not in cfg]
         if missing:
             raise SAEConfigError(f"{cfg_file} lacks {missing}; it has {sorted(cfg)}")
-        if cfg.get("format", FORMAT) != FORMAT:
-            raise SAEConfigError(f"{cfg_file} has format {cfg['format']!r}, expected {FORMAT!r}")
+        if cfg.get("format", FORMAT) != cls.format_name:
+            raise SAEConfigError(f"{cfg_file} has format {cfg.get('format', FORMAT)!r}, expected {cls.format_name!r} "
+                                 f"for {cls.__name__}; saehook.formats.load reads either")
         try:
             tensors = load_file(w_file)
         except (SafetensorError, OSError) as e:

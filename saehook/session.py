@@ -110,11 +110,31 @@ class TrainingSession:
         if key in self.buffers:
             self.buffers[key].add(rows)
 
+    def _initialized(self, key, flush: bool) -> bool:
+        """Whether hookpoint ``key``'s trainer is initialised, initialising it first when its buffer holds the
+        trainer's ``init_rows`` rows (data parallel: each rank its share, on every rank at once; ``flush``:
+        whatever is held). Until then no batch leaves the buffer, so the scale and ``b_dec`` are fitted on the
+        first ``init_samples`` rows of the stream, however small the batches."""
+        tr, buf = self.trainers[key], self.buffers[key]
+        if tr.initialized:
+            return True
+        data_parallel = self.dist is not None and self.shard == "data"
+        share = -(-tr.init_rows // self.dist.world) if data_parallel else tr.init_rows
+        ready = buf.n >= share or (flush and buf.n >= 2)
+        if data_parallel:
+            ready = bool(D.all_reduce(torch.tensor([int(ready)]), op=D.dist.ReduceOp.MIN))
+        if ready:
+            tr.initialize(buf.head(share))
+        return ready
+
     def drain(self, flush: bool = False) -> int:
-        """Train on full batches; returns the number of steps taken by the first trained hookpoint."""
+        """Train on full batches (once the trainer is initialised from the first ``init_samples`` rows); returns
+        the number of steps taken by the first trained hookpoint."""
         n = 0
         with torch.enable_grad():
             for key, buf in self.buffers.items():
+                if not self._initialized(key, flush):
+                    continue
                 limit = None
                 if self.dist is not None and self.shard == "data":  # DDP: every rank steps equally often
                     limit = int(D.all_reduce(torch.tensor([buf.ready(flush)]), op=D.dist.ReduceOp.MIN))

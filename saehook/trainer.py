@@ -13,7 +13,6 @@ residual from the top ``k_aux`` dead pre-activations. The counters live on the a
 from __future__ import annotations
 
 import logging
-import math
 from typing import NamedTuple
 
 import torch
@@ -43,7 +42,8 @@ class TrainForward(NamedTuple):
 
 
 class SAETrainer:
-    """Trains one :class:`TopKSAE` on batches of activations from any origin.
+    """Trains one :class:`TopKSAE` (or a subclass, e.g. :class:`~saehook.LayerNormTopKSAE`) on batches of
+    activations from any origin, through the autoencoder's public methods only.
 
     Args:
         sae: the autoencoder (trained in place).
@@ -69,6 +69,9 @@ class SAETrainer:
         # torch's fused Adam (one pass over each parameter instead of ~8) exists for CPU and CUDA floats.
         fused = sae.W_enc.device.type in ("cpu", "cuda") and sae.W_enc.dtype in (torch.float32, torch.float64)
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+        self.init_rows = min(cfg.init_samples, total_tokens) if total_tokens else cfg.init_samples
+        """Rows :meth:`initialize` fits the input scale and ``b_dec`` on (all ranks together):
+        ``config.init_samples``, or the whole run when it is shorter."""
         self.dead_threshold = cfg.dead_tokens
         if total_tokens:
             # never before a latent had one full batch to fire in
@@ -89,23 +92,23 @@ class SAETrainer:
     # ------------------------------------------------------------------ init from data
     @torch.no_grad()
     def initialize(self, acts: Tensor) -> None:
-        """Input scale and ``b_dec`` from a sample of activations (called by the first :meth:`step`; with
-        several ranks, from the rows of every rank)."""
-        sample = acts[: self.cfg.init_samples].to(self.sae.W_enc)
+        """Input scale and ``b_dec`` from a sample of activations ``acts [N, d_in]``: its first
+        :attr:`init_rows` rows (with several ranks, each rank's rows gathered first, in rank order). Training
+        sessions (:meth:`saehook.Hooked.train`, :meth:`saehook.Hooked.training`) call it once they hold
+        :attr:`init_rows` rows; a first :meth:`step` without it calls it on that step's batch. Only the
+        autoencoder's public methods are used (``set_input_scale_``, ``init_b_dec_``), so a subclass's own
+        normalisation (e.g. :class:`~saehook.LayerNormTopKSAE`'s) is what ``b_dec`` is fitted in."""
+        sample = acts.reshape(-1, self.sae.d_in)[: self.init_rows]
         if self.dist is not None:
             from .distributed import all_gather_rows
 
-            sample = all_gather_rows(sample)
-        if self.cfg.normalize == "scalar":
-            s = self.sae.set_input_scale_(sample)
-            log.info("%s: input scale %.4g (mean row norm %.4g)", self.name, s, math.sqrt(self.sae.d_in) / s)
-        elif self.cfg.normalize == "channel":  # s_c = 1/std_c; b_dec (set below from s x) takes the channel means
-            s = self.sae.set_input_scale_(sample, mode="channel")
-            log.info("%s: per-channel input scale in [%.4g, %.4g]", self.name, float(s.min()), float(s.max()))
-        if self.cfg.init_b_dec == "geometric_median":
-            self.sae.init_b_dec_(sample)
-        elif self.cfg.init_b_dec == "mean":
-            self.sae.b_dec.copy_(sample.mean(0) * self.sae.input_scale)
+            sample = all_gather_rows(sample.to(self.sae.W_enc).contiguous())[: self.init_rows]
+        if self.cfg.normalize in ("scalar", "channel"):  # channel: s_c = 1/std_c; b_dec takes the channel means
+            self.sae.set_input_scale_(sample, mode=self.cfg.normalize)
+        if self.cfg.init_b_dec != "none":
+            self.sae.init_b_dec_(sample, method=self.cfg.init_b_dec)
+        log.info("%s: normalisation and b_dec (%s) fitted on %d rows: %s", self.name, self.cfg.init_b_dec,
+                 len(sample), self.sae.extra_repr())
         if self.ema is not None:
             for n, p in self.sae.named_parameters():
                 self.ema[n].copy_(p)

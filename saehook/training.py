@@ -255,6 +255,9 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
 
     # the usual way until local_tokens, then one end-to-end step per model batch (saehook.e2e)
     local_tokens = round((1 - cfg.e2e_fraction) * tokens)
+    if 0 < local_tokens < tokens:  # the scale's sample comes from the local phase (else from the first e2e batch)
+        for tr in session.trainers.values():
+            tr.init_rows = min(tr.init_rows, local_tokens)
     was_recording = hooked.record
     hooked.record = False
     # data parallel: rank r reads batches r, r + world, ... of the stream; layer sharding likewise

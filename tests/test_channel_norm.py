@@ -255,7 +255,9 @@ def test_splice_and_steer_per_channel_on_a_live_model():
 def test_channel_config_survives_checkpoint_and_resume(tmp_path):
     """As tests/test_training.py's resume test, with normalize="channel": the per-channel scale is restored
     into a fresh (scalar) autoencoder and the resumed run equals the uninterrupted one."""
-    cfg = TrainConfig(batch_tokens=256, shuffle_buffer=512, log_every=1, checkpoint_every=4, normalize="channel")
+    # init_samples: the scale comes from the first 1024 rows, so the run killed after 12 batches has stepped
+    cfg = TrainConfig(batch_tokens=256, shuffle_buffer=512, log_every=1, checkpoint_every=4, normalize="channel",
+                      init_samples=1024)
 
     def source(n=30, seed=0):
         g = torch.Generator().manual_seed(seed)

@@ -101,7 +101,8 @@ def test_config_validation():
 
 
 def small_cfg(**kw):
-    return TrainConfig(**{"batch_tokens": 256, "shuffle_buffer": 512, "log_every": 1, **kw})
+    # init_samples: the scale and b_dec wait for 1024 rows (~4 passes), not the whole of these short runs
+    return TrainConfig(**{"batch_tokens": 256, "shuffle_buffer": 512, "log_every": 1, "init_samples": 1024, **kw})
 
 
 def test_multi_layer_single_pass_with_early_stop(tmp_path):
@@ -177,7 +178,8 @@ def test_train_while_generating():
     sae = TopKSAE(32, 64, 4)
     w0 = sae.W_enc.clone()
     prompt = torch.randint(3, 128, (4, 8))
-    cfg = small_cfg(batch_tokens=32, shuffle_buffer=0)
+    # the first step waits for init_samples rows (the scale's sample), then every full batch steps
+    cfg = small_cfg(batch_tokens=32, shuffle_buffer=0, init_samples=64)
     with saehook.attach(model, {1: sae}) as hooked, hooked.training(cfg) as session:
         model.generate(prompt, max_new_tokens=20, do_sample=False)
     assert session.trainers[1].step_count == 104 // 32  # 4 x 7 prompt rows (BOS position skipped) + 4 x 19 new

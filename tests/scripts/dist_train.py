@@ -24,6 +24,7 @@ p.add_argument("--tokens", type=int, default=512 * 8)
 p.add_argument("--batch-tokens", type=int, default=512)
 p.add_argument("--die-after", type=int, default=0, help="rank 1 exits abruptly after this many batches")
 p.add_argument("--resume", action="store_true")
+p.add_argument("--layernorm", action="store_true", help="train LayerNormTopKSAE autoencoders")
 args = p.parse_args()
 rank = int(os.environ.get("RANK", "0"))
 
@@ -40,12 +41,14 @@ def source():
 
 
 torch.manual_seed(0)
-saes = {layer: saehook.TopKSAE(32, 128, 4) for layer in args.layers}
+cls = saehook.LayerNormTopKSAE if args.layernorm else saehook.TopKSAE
+saes = {layer: cls(32, 128, 4) for layer in args.layers}
 init = {layer: sae.W_enc.clone() for layer, sae in saes.items()}
 # A constant rate: the resume test extends a shorter run, which equals the long run only when the schedule does
-# not depend on the run's length (a decaying one is re-planned from the new length on resume).
+# not depend on the run's length (a decaying one is re-planned from the new length on resume). The scale and
+# b_dec come from the first 1024 rows: two global batches of 512, i.e. two batches of 256 per rank.
 cfg = saehook.TrainConfig(batch_tokens=args.batch_tokens, shuffle_buffer=0, checkpoint_every=2, log_every=1,
-                          lr_schedule="constant", warmup_fraction=0.0)
+                          lr_schedule="constant", warmup_fraction=0.0, init_samples=1024)
 with saehook.attach(model, saes) as hooked:
     report = hooked.train(source(), tokens=args.tokens, config=cfg, out=args.out, shard=args.shard,
                           progress=False, resume=args.resume)
