@@ -341,6 +341,18 @@ class ContextMatch(NamedTuple):
     """That example's decoded context, the activating token between ``[[`` and ``]]``."""
 
 
+def _may_overlap(piece: str, phrase: str, case_sensitive: bool) -> bool:
+    """Whether a token decoded alone as ``piece`` can share characters with an occurrence of ``phrase``: one
+    contains the other, or a suffix of one is a prefix of the other (surrounding spaces ignored; a piece
+    that is not whole characters, such as part of a UTF-8 sequence, always can)."""
+    piece, phrase = piece.strip(), phrase.strip()
+    if not case_sensitive:
+        piece, phrase = piece.casefold(), phrase.casefold()
+    if not piece or not phrase or "\ufffd" in piece or piece in phrase or phrase in piece:
+        return True
+    return any(piece.endswith(phrase[:k]) or piece.startswith(phrase[-k:]) for k in range(1, len(phrase)))
+
+
 def search_contexts(examples: Mapping[Key, TopExamples] | TopExamples, phrase: str, tokenizer, *,
                     anywhere: bool = False, case_sensitive: bool = False, top: int | None = 20) -> list[ContextMatch]:
     """Latents whose top-activating contexts contain ``phrase`` (any text: several tokens, part of a word).
@@ -362,12 +374,15 @@ def search_contexts(examples: Mapping[Key, TopExamples] | TopExamples, phrase: s
     found = []
     for key, ex in examples.items():
         rows, slots = (ex.values > 0).nonzero(as_tuple=True)
-        seqs, marks = [], []
-        for r, e in zip(rows.tolist(), slots.tolist()):
-            toks = ex.tokens[r, e]
-            ok = toks >= 0
-            seqs.append(toks[ok].tolist())
-            marks.append(int(ok[: ex.left].sum()))
+        windows = ex.tokens[rows, slots]  # [N, W]: the filled examples' contexts
+        act = windows[:, ex.left]  # [N] the activating tokens
+        if not anywhere:  # only examples whose activating token can overlap the phrase need decoding
+            ids = [i for i in act.unique().tolist() if _may_overlap(decode_token(tokenizer, i), phrase, case_sensitive)]
+            keep = torch.isin(act, torch.tensor(ids, dtype=act.dtype)).nonzero().flatten()
+        else:
+            keep = torch.arange(len(act))
+        seqs = [[t for t in w if t >= 0] for w in windows[keep].tolist()]
+        marks = (windows[keep, : ex.left] >= 0).sum(1).tolist()
         texts = tokenizer.batch_decode(seqs, **decode) if seqs else []
         cand = [i for i, t in enumerate(texts) if pattern.search(t)]
         starts = tokenizer.batch_decode([seqs[i][: marks[i]] for i in cand], **decode) if cand else []
@@ -376,15 +391,15 @@ def search_contexts(examples: Mapping[Key, TopExamples] | TopExamples, phrase: s
         for i, s_text, e_text in zip(cand, starts, ends):
             a, b = len(s_text), len(e_text)
             if anywhere or any(m.start() < b and a < m.end() for m in pattern.finditer(texts[i])):
-                r, e = int(rows[i]), int(slots[i])
+                r, e = int(rows[keep[i]]), int(slots[keep[i]])
                 t = texts[i]
                 a += len(t[a:b]) - len(t[a:b].lstrip())  # mark the token without its leading space
                 per_latent.setdefault(int(ex.latents[r]), []).append(
                     (float(ex.values[r, e]), f"{t[:a]}[[{t[a:b]}]]{t[b:]}"))
         counts = torch.bincount(rows, minlength=len(ex.latents)).tolist()
+        row_of = {int(j): r for r, j in enumerate(ex.latents.tolist())}
         for latent, items in per_latent.items():
             best = max(items)
-            n = counts[int((ex.latents == latent).nonzero()[0, 0])]
-            found.append(ContextMatch(key, latent, len(items), n, best[0], best[1]))
+            found.append(ContextMatch(key, latent, len(items), counts[row_of[latent]], best[0], best[1]))
     found.sort(key=lambda m: (-m.hits / m.examples, -m.hits, -m.value))
     return found if top is None else found[:top]

@@ -194,3 +194,12 @@ def test_find_command(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["find", str(sae_dir), "--model", str(model_dir)])
     assert e.value.code == 2 and "at least one of --labels, --text or --search" in capsys.readouterr().err
+
+
+def test_only_tokens_that_can_overlap_the_phrase_are_decoded():
+    from saehook.features import _may_overlap
+
+    assert _may_overlap(" minister", "prime minister", False) and _may_overlap("Prim", "prime minister", False)
+    assert _may_overlap("ster.", "minister", False) and _may_overlap("ministerial", "minister", False)
+    assert _may_overlap("\ufffd", "é", False)  # part of a UTF-8 sequence: cannot tell, decode it
+    assert not _may_overlap(" dog", "prime minister", False) and not _may_overlap("Prim", "prime", True)
