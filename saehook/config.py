@@ -54,13 +54,16 @@ class TrainConfig:
     multi_topk_coef: float = 1 / 8
     """Weight of the 4k reconstruction when the autoencoder has ``multi_topk``: ``L(k) + L(4k)/8``."""
     normalize: Literal["scalar", "channel", "none"] = "scalar"
-    """Input scale estimated from the first batches and stored in the SAE: ``"scalar"`` (one ``s`` with
+    """Input scale estimated from the first ``init_samples`` rows and stored in the SAE: ``"scalar"`` (one ``s`` with
     ``E||s x||^2 = d_in``), ``"channel"`` (``s_c = 1 / std_c`` per channel, so the loss weighs every channel by
     ``1 / var_c``) or ``"none"``. ``True`` / ``False`` (older configs) mean ``"scalar"`` / ``"none"``."""
     init_b_dec: Literal["geometric_median", "mean", "none"] = "geometric_median"
-    """``"geometric_median"`` (paper), ``"mean"`` or ``"none"``: how ``b_dec`` is set from the first batch."""
+    """``"geometric_median"`` (paper), ``"mean"`` or ``"none"``: how ``b_dec`` is set from the first ``init_samples``
+    rows, in the autoencoder's normalised units (``s x``; a ``LayerNormTopKSAE``'s layer-normed rows)."""
     init_samples: int = 32768
-    """Rows of the first batches used for the scale and ``b_dec`` (the paper's code uses 32,768)."""
+    """Rows the input scale and ``b_dec`` are fitted on: the first ``init_samples`` rows of the stream (all
+    ranks together), or the whole run when it is shorter (its local phase with ``e2e_fraction``). Training
+    takes its first step once they are in (the paper's code uses 32,768)."""
     ema: float | None = None
     """Decay of an exponential moving average of the weights (e.g. 0.999), None = off."""
     grad_clip: float | None = None
