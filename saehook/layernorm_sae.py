@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from . import atomic
 from .sae import CFG_NAME, FORMAT_VERSION, Codes, SAEConfigError, TopKSAE
 
 LN_FORMAT = "saehook.topk-layernorm"
@@ -159,7 +159,7 @@ class LayerNormTopKSAE(TopKSAE):
         """Load a folder written by :meth:`save` (``"format": "saehook.topk-layernorm"``); the checks of
         :meth:`TopKSAE.load`, plus ``ln_eps`` and ``format_version`` from ``cfg.json``."""
         sae = super().load(path, device=device, dtype=dtype)
-        cfg_file = Path(path) / CFG_NAME
+        cfg_file = atomic.committed(path) / CFG_NAME  # as TopKSAE.load: a killed save's aside copy
         cfg = json.loads(cfg_file.read_text())  # valid: TopKSAE.load has read it
         if cfg.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
             raise SAEConfigError(f"{cfg_file} has format_version {cfg['format_version']}; this saehook reads up to "

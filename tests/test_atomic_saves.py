@@ -85,7 +85,8 @@ def sae_state(sae):
 def same(a, b) -> bool:
     if a[0] is not b[0] or a[2] != b[2] or a[1].keys() != b[1].keys():
         return False
-    return all(t.dtype == b[1][n].dtype and t.shape == b[1][n].shape and torch.equal(t, b[1][n]) for n, t in a[1].items())
+    return all(t.dtype == b[1][n].dtype and t.shape == b[1][n].shape and torch.equal(t, b[1][n])
+               for n, t in a[1].items())
 
 
 def make(d, n, k, seed, **meta):
@@ -133,7 +134,7 @@ def test_every_write_of_a_save_fails_safely(tmp_path, monkeypatch, unit, new, ki
     for i in range(n_calls):
         path = tmp_path / f"run{i}" / "sae"
         shutil.copytree(base, path)
-        err = faults.run(lambda: save(new, path), fail_at=i, kill=kill)
+        err = faults.run(lambda path=path: save(new, path), fail_at=i, kill=kill)
         if i > commit and not kill:
             assert err is None, f"fault at call {i} after the commit (clean-up) failed the save: {err}"
         got = sae_state(load(path))

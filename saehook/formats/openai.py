@@ -9,8 +9,11 @@ A ``torch.save``'d dict: ``encoder.weight [n, d]``, ``latent_bias [n]``, ``pre_b
     z     = ReLU(TopK(encoder(x' - pre_bias) + latent_bias))
     x_hat = (decoder(z) + pre_bias) * std + mu
 
-OpenAI's ``Autoencoder.from_state_dict`` enables the layer norm exactly when the activation is ``TopK``; so
-does :func:`load_openai` by default.
+OpenAI's ``Autoencoder.from_state_dict`` reads ``state_dict.pop("activation", "ReLU")`` and sets
+``normalize = activation == "TopK"``: the layer norm is on exactly when the file says ``TopK``. A file without
+``activation`` is, by that rule, a ReLU autoencoder without layer norm. :func:`load_openai` follows the same rule:
+``TopK`` -> layer norm on; no ``activation`` -> refused (saehook loads TopK only) unless you pass ``k=``, and then
+no layer norm (``layernorm=True`` turns it on); any other activation -> refused.
 
 The file is read with ``torch.load(weights_only=True)``: torch's restricted unpickler, which rebuilds
 tensors, numbers, strings, lists and dicts and refuses any other object, so loading runs no code from it.
@@ -43,7 +46,11 @@ def load_openai(path: str | os.PathLike, *, k: int | None = None, layernorm: boo
     (or a plain :class:`~saehook.TopKSAE` with ``layernorm=False``) giving the same latents and reconstructions.
 
     ``k`` comes from ``activation_state_dict["k"]``; pass it when the file lacks the activation entries.
-    ``layernorm`` defaults to true when the activation is ``TopK`` (OpenAI's rule) or absent.
+    ``layernorm`` defaults to OpenAI's rule: on when ``activation`` is ``"TopK"``, off when the entry is missing
+    (``Autoencoder.from_state_dict`` then builds a ReLU autoencoder with ``normalize=False``).
+
+    Raises :class:`FormatError` for a file without ``activation`` and no ``k=`` (OpenAI's loader reads it as a
+    ReLU autoencoder, which saehook cannot represent), a non-TopK activation, or unknown entries.
     """
     path = Path(path)
     where = str(path)
@@ -69,6 +76,11 @@ def load_openai(path: str | os.PathLike, *, k: int | None = None, layernorm: boo
     postact = act_sd.get("postact_fn", "ReLU")
     if postact != "ReLU":
         raise FormatError(f"{where}: TopK with post-activation {postact!r}; saehook's TopK applies ReLU")
+    if activation is None and k is None:
+        raise FormatError(f"{where} has no 'activation' entry, so OpenAI's Autoencoder.from_state_dict reads it as a "
+                          f"ReLU autoencoder without layer norm, which saehook cannot load (TopK only); if it is a "
+                          f"TopK autoencoder whose activation entries were dropped, pass load_openai(path, k=...) "
+                          f"(and layernorm=True if it expects OpenAI's layer norm)")
     k = k if k is not None else act_sd.get("k")
     if k is None:
         raise FormatError(f"{where} does not say its k (no activation_state_dict['k']); pass "
@@ -86,7 +98,7 @@ def load_openai(path: str | os.PathLike, *, k: int | None = None, layernorm: boo
         raise FormatError(f"{where}: entries {bad} are not tensors")
     W_enc = sd["encoder.weight"]
     W_dec = sd["decoder.weight"].T if "decoder.weight" in sd else W_enc  # tied: decoder = encoder^T
-    layernorm = activation in (None, "TopK") if layernorm is None else bool(layernorm)
+    layernorm = activation == "TopK" if layernorm is None else bool(layernorm)  # OpenAI: normalize = (act == TopK)
     meta = {"source_format": "openai", "source_file": path.name}
     return build_sae(W_enc, sd["latent_bias"], W_dec, sd["pre_bias"], int(k), where=where,
                      cls=LayerNormTopKSAE if layernorm else TopKSAE, dtype=dtype or W_enc.dtype, device=device,

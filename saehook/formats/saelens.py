@@ -10,12 +10,17 @@ Read into saehook's ``z = ReLU(TopK(W(s x - b_dec) + b)), x_hat = (W_dec^T z + b
 
 - transposing ``W_enc``;
 - ``apply_b_dec_to_input = false``: folding ``b_dec`` into the encoder bias, ``b = b_enc + W_enc b_dec``;
-- ``normalize_activations``: ``"none"`` -> s = 1; ``"expected_average_only_in"`` -> s = the factor SAELens
-  estimated, read from ``cfg.json["norm_scaling_factor"]``, a scalar ``norm_scaling_factor`` tensor or
-  ``activation_scaler.json["scaling_factor"]`` (SAELens folds it into the weights when training ends, so
-  finished SAEs say ``"none"``);
+- ``normalize_activations``: ``"none"`` -> s = 1; ``"expected_average_only_in"`` -> s = 1 as SAELens's
+  ``SAE.load_from_disk`` reads it (its run-time normalisation is the identity in this mode: the trainer folds
+  the factor into the weights when training ends, keeps the config and writes ``activation_scaler.json`` with
+  ``"scaling_factor": null``), except where a factor is stored for weights it was not folded into: a mid-training
+  checkpoint's ``activation_scaler.json["scaling_factor"]`` (what SAELens's trainer multiplies the inputs by),
+  ``cfg.json["norm_scaling_factor"]`` or a scalar ``norm_scaling_factor`` tensor -> s = that factor;
   ``"layer_norm"`` -> a :class:`~saehook.formats.LayerNormTopKSAE`; ``"constant_norm_rescale"`` -> refused;
-- a per-latent ``scaling_factor`` / ``finetuning_scaling_factor`` (older SAELens) is folded into ``W_dec``;
+  a boolean (SAELens before 6.0) means ``"expected_average_only_in"`` (true) or ``"none"``;
+- a per-latent ``scaling_factor`` / ``finetuning_scaling_factor`` (older SAELens) is folded into ``W_dec``; a
+  ``scaling_factor`` other than all ones with ``finetuning_scaling_factor`` false is refused, as SAELens does;
+- architecture and k as SAELens reads them (:func:`architecture_and_k`): ``k`` defaults to 100;
 - ``rescale_acts_by_decoder_norm = true`` (pre-activations times ``||W_dec[i]||``, divided again before
   decoding) is folded: ``W_enc[i] *= ||W_dec[i]||``, ``b_enc[i] *= ||W_dec[i]||``, ``W_dec[i] /= ||W_dec[i]||``.
 """
@@ -46,12 +51,56 @@ CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
 SCALER = "activation_scaler.json"  # SAELens checkpoints: {"scaling_factor": f}
 TENSORS = {"W_enc", "b_enc", "W_dec", "b_dec"}
+TOPK_DEFAULT_K = 100  # SAELens's TopKSAEConfig.k, used when a TopK cfg.json has no k
 OPTIONAL = {"scaling_factor", "finetuning_scaling_factor", "norm_scaling_factor"}
 
 
 def is_saelens_dir(path: Path) -> bool:
     """Whether ``path`` holds a SAELens ``cfg.json`` and ``sae_weights.safetensors``."""
     return (path / CFG).is_file() and (path / WEIGHTS).is_file()
+
+
+def architecture_and_k(cfg: dict, where: str) -> tuple[str, int | None]:
+    """The architecture and k SAELens's ``SAE.load_from_disk`` (6.x) reads from ``cfg``, by its rules:
+
+    - a config without ``sae_lens_version`` (also under ``metadata``) or older than 6.0 goes through
+      ``handle_pre_6_0_config``: ``activation_fn_str`` is renamed ``activation_fn``, ``architecture`` defaults to
+      ``"standard"``, and ``activation_fn == "topk"`` with ``activation_fn_kwargs["k"]`` makes it ``"topk"`` with
+      that k (an explicit ``architecture: "topk"`` also takes ``activation_fn_kwargs["k"]`` when present);
+    - a 6.x config must name its ``architecture``;
+    - a TopK config without k takes ``TopKSAEConfig``'s default, 100.
+    """
+    version = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
+    try:
+        pre6 = not version or _version(str(version)) < (6,)
+    except ValueError:
+        raise FormatError(f"{where}: cfg.json has sae_lens_version {version!r}, not a version number") from None
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    if pre6:
+        arch = cfg.get("architecture", "standard")
+        act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+        if act == "topk" and kwargs.get("k") is not None:
+            return "topk", kwargs["k"]
+        if arch == "topk" and "activation_fn_kwargs" in cfg:
+            return arch, kwargs.get("k", cfg.get("k", TOPK_DEFAULT_K))
+    elif "architecture" not in cfg:
+        raise FormatError(f"{where}: a SAELens {version} cfg.json must say its 'architecture' (SAELens's loader "
+                          f"fails without it); it has {sorted(cfg)}")
+    else:
+        arch = cfg["architecture"]
+    return arch, cfg.get("k", TOPK_DEFAULT_K) if arch == "topk" else None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``"6.0.0-rc.0"`` -> ``(6, 0, 0)``: the leading numbers of a version string."""
+    nums = []
+    for part in text.replace("-", ".").split("."):
+        if not part.isdigit():
+            break
+        nums.append(int(part))
+    if not nums:
+        raise ValueError(text)
+    return tuple(nums)
 
 
 def _meta(cfg: dict, key: str):
@@ -71,17 +120,11 @@ def load_saelens(path: str | os.PathLike, *, device: torch.device | str | None =
     path = atomic.committed(path)
     cfg = read_json(path / CFG)
     where = str(path)
-    arch = cfg.get("architecture", "standard")
-    act = cfg.get("activation_fn_str", cfg.get("activation_fn"))
-    if not (arch == "topk" or act == "topk"):
-        raise FormatError(f"{where} is a SAELens {arch!r} autoencoder (activation {act or 'relu'!r}); saehook loads "
-                          f"TopK autoencoders only (architecture 'topk')")
-    k = cfg.get("k")
-    if k is None:
-        k = (cfg.get("activation_fn_kwargs") or {}).get("k")
-    if k is None:
-        raise FormatError(f"{path / CFG} is a TopK SAELens config without k (neither 'k' nor "
-                          f"'activation_fn_kwargs.k'); it has {sorted(cfg)}")
+    arch, k = architecture_and_k(cfg, where)
+    if arch != "topk":
+        act = cfg.get("activation_fn_str", cfg.get("activation_fn")) or "relu"
+        raise FormatError(f"{where} is a SAELens {arch!r} autoencoder (activation {act!r}) by SAELens's own reading "
+                          f"of its cfg.json; saehook loads TopK autoencoders only (architecture 'topk')")
     t = read_safetensors(path / WEIGHTS)
     check_tensors(t, TENSORS, OPTIONAL, where, "SAELens")
     file_dtype = t["W_dec"].dtype
@@ -95,6 +138,10 @@ def load_saelens(path: str | os.PathLike, *, device: torch.device | str | None =
     W_enc = W_enc.T  # saehook: [n, d]
     if not cfg.get("apply_b_dec_to_input", True):
         b_enc = b_enc + W_enc @ b_dec  # W_enc(x - b_dec) + b_enc' == W_enc x + b_enc
+    ones = "scaling_factor" not in t or bool((t["scaling_factor"] == 1).all())
+    if not ones and not cfg.get("finetuning_scaling_factor"):
+        raise FormatError(f"{where} has a per-latent scaling_factor other than ones but finetuning_scaling_factor is "
+                          f"false; SAELens's loader refuses this combination, so saehook does too")
     for name in ("scaling_factor", "finetuning_scaling_factor"):
         if name in t:  # z -> z * f before decoding
             W_dec = W_dec * t[name].to(torch.float64).reshape(-1, 1)
@@ -103,6 +150,8 @@ def load_saelens(path: str | os.PathLike, *, device: torch.device | str | None =
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
 
     norm = cfg.get("normalize_activations") or "none"
+    if isinstance(norm, bool):  # SAELens before 6.0: True meant expected_average_only_in
+        norm = "expected_average_only_in" if norm else "none"
     scale, layernorm = 1.0, False
     if norm == "expected_average_only_in":
         f = cfg.get("norm_scaling_factor")
@@ -113,15 +162,10 @@ def load_saelens(path: str | os.PathLike, *, device: torch.device | str | None =
             f = float(t["norm_scaling_factor"].reshape(()))
         if f is None and (path / SCALER).is_file():
             f = read_json(path / SCALER).get("scaling_factor")
-        if f is None:
-            raise FormatError(
-                f"{where} uses normalize_activations='expected_average_only_in' but stores no scaling factor "
-                f"(saehook reads cfg.json 'norm_scaling_factor', a scalar 'norm_scaling_factor' tensor or "
-                f"{SCALER} 'scaling_factor'); fold it with SAELens's "
-                f"sae.fold_activation_norm_scaling_factor(factor) and save again"
-            )
+        # No factor (or {SCALER} saying null): SAELens's SAE.load_from_disk applies no normalisation in this mode,
+        # and its trainer folds the factor into the weights when training ends (writing "scaling_factor": null).
         try:
-            scale = float(f)
+            scale = 1.0 if f is None else float(f)
         except (TypeError, ValueError):
             scale = float("nan")
         if not (math.isfinite(scale) and scale > 0):

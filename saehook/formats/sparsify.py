@@ -30,6 +30,8 @@ from ._common import (
 CFG = "cfg.json"
 WEIGHTS = "sae.safetensors"
 TENSORS = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
+DEFAULT_K = 32  # sparsify's SparseCoderConfig.k, used by load_from_disk when cfg.json has no "k"
+DEFAULT_EXPANSION = 32  # SparseCoderConfig.expansion_factor (num_latents = d_in * it when num_latents is 0)
 
 
 def is_sparsify_dir(path: Path) -> bool:
@@ -42,8 +44,10 @@ def load_sparsify(path: str | os.PathLike, *, device: torch.device | str | None 
     """One sparsify autoencoder folder -> :class:`~saehook.TopKSAE` (same latents and reconstructions).
 
     ``dtype`` defaults to the file's. ``metadata`` gets ``hookpoint`` (the folder name, which is how sparsify
-    names them), ``source_format`` and the original ``sparsify_cfg``. Transcoders (``transcode``), skip
-    connections (``W_skip``) and non-TopK activations are refused with the reason.
+    names them), ``source_format`` and the original ``sparsify_cfg``. Missing keys take sparsify's own defaults
+    (``SparseCoderConfig``): ``k`` 32, ``activation`` ``"topk"``, ``num_latents`` ``d_in * expansion_factor``
+    (32). A ``cfg.json`` without ``d_in`` (which sparsify's loader cannot read either), transcoders
+    (``transcode``), skip connections (``W_skip``) and non-TopK activations are refused with the reason.
     """
     name = Path(path).name  # the hookpoint, even when reading a killed save's aside copy
     path = atomic.committed(path)
@@ -61,15 +65,20 @@ def load_sparsify(path: str | os.PathLike, *, device: torch.device | str | None 
         raise FormatError(f"{where} has a skip connection (W_skip); saehook's TopKSAE has none, so it cannot be "
                           f"loaded without changing its reconstructions")
     check_tensors(t, TENSORS, set(), where, "sparsify")
-    if "k" not in cfg:
-        raise FormatError(f"{path / CFG} has no 'k'; it has {sorted(cfg)}")
+    if "d_in" not in cfg:
+        raise FormatError(f"{path / CFG} has no 'd_in', which sparsify's SparseCoder.load_from_disk requires (it "
+                          f"fails on such a folder); it has {sorted(cfg)}")
     W_enc = t["encoder.weight"]
     n, d = W_enc.shape
-    if cfg.get("d_in", d) != d or cfg.get("num_latents") not in (None, 0, n):
-        raise FormatError(f"{where}: cfg.json (d_in={cfg.get('d_in')}, num_latents={cfg.get('num_latents')}) "
-                          f"does not match encoder.weight of shape {tuple(W_enc.shape)} [num_latents, d_in]")
+    # sparsify's rules (SparseCoderConfig defaults): k = 32; num_latents = num_latents or d_in * expansion_factor
+    k = cfg.get("k", DEFAULT_K)
+    expected_n = cfg.get("num_latents") or cfg["d_in"] * cfg.get("expansion_factor", DEFAULT_EXPANSION)
+    if cfg["d_in"] != d or expected_n != n:
+        raise FormatError(f"{where}: cfg.json (d_in={cfg['d_in']}, num_latents={cfg.get('num_latents')}, "
+                          f"expansion_factor={cfg.get('expansion_factor')}: {expected_n} latents as sparsify counts "
+                          f"them) does not match encoder.weight of shape {tuple(W_enc.shape)} [num_latents, d_in]")
     meta = {"hookpoint": name, "source_format": "sparsify", "sparsify_cfg": cfg}
-    return build_sae(W_enc, t["encoder.bias"], t["W_dec"], t["b_dec"], cfg["k"], where=where,
+    return build_sae(W_enc, t["encoder.bias"], t["W_dec"], t["b_dec"], k, where=where,
                      multi_topk=bool(cfg.get("multi_topk", False)), dtype=dtype, device=device, metadata=meta)
 
 
