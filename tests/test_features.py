@@ -203,3 +203,14 @@ def test_only_tokens_that_can_overlap_the_phrase_are_decoded():
     assert _may_overlap("ster.", "minister", False) and _may_overlap("ministerial", "minister", False)
     assert _may_overlap("\ufffd", "é", False)  # part of a UTF-8 sequence: cannot tell, decode it
     assert not _may_overlap(" dog", "prime minister", False) and not _may_overlap("Prim", "prime", True)
+
+
+def test_find_help_shows_defaults_and_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["find", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # help lines wrap at the terminal width
+    assert e.value.code == 0
+    for text in ("--per-label PER_LABEL", "(default: 50)", "(default: 10000)", "(default: effect)", "(default: off)",
+                 'saehook find runs/demo --labels bbc', 'saehook find runs/demo --search "prime minister"'):
+        assert text in out
+    assert "(default: None)" not in out and "(default: False)" not in out
