@@ -90,6 +90,7 @@ for n in args.latents:
         sae = saehook.TopKSAE(d, n, k)
         cfg = saehook.TrainConfig(batch_tokens=args.batch_tokens, matmul_dtype=auto_dtype("auto"))
         trainer = saehook.SAETrainer(sae, cfg, total_tokens=budget[n])
+        trainer.initialize(train[: trainer.init_rows])  # scale and b_dec from init_samples rows, not one batch
         for batch in epoch_batches(train, budget[n], trainer.batch_tokens):
             trainer.step(batch)
         with torch.no_grad():

@@ -20,7 +20,8 @@ model, tok = saehook.load_model(dtype=torch.bfloat16)
 sae = saehook.TopKSAE(model.config.hidden_size, args.latents, 32)
 questions = ["What is the capital of France?", "Write a haiku about rain.", "Explain photosynthesis briefly.",
              "Who wrote Hamlet?", "Give me three tips for learning to code.", "Why is the sky blue?"]
-config = saehook.TrainConfig(batch_tokens=512, shuffle_buffer=1024)
+# the session's length is unknown: the scale and b_dec come from the first 1024 rows, not the default 32,768
+config = saehook.TrainConfig(batch_tokens=512, shuffle_buffer=1024, init_samples=1024)
 
 with saehook.attach(model, {args.layer: sae}) as hooked, hooked.training(config) as session:
     for i in range(args.rounds):
