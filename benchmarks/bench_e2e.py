@@ -78,7 +78,8 @@ def main() -> None:
             res[f"e2e_{loss}_ms"] = timed(step, args.reps)
     torch.manual_seed(0)
     sae = saehook.TopKSAE(d, args.latents, args.k)
-    cfg = saehook.TrainConfig(batch_tokens=8192, shuffle_buffer=8192, matmul_dtype=args.matmul_dtype)
+    cfg = saehook.TrainConfig(batch_tokens=8192, shuffle_buffer=8192, matmul_dtype=args.matmul_dtype,
+                              init_samples=8192)  # the scale of one batch, as timed before init_samples counted
     with saehook.attach(model, {args.layer: sae}) as hooked:
         report = hooked.train(corpus, tokens=4 * 8192, config=cfg, batch_size=args.batch_size, progress=False)
     res["online_ms_per_batch"] = rows / report.tokens_per_s * 1e3

@@ -77,7 +77,8 @@ def truncated(layers):
 
 def training(layers):
     saes = {layer: saehook.TopKSAE(d, args.latents, args.k) for layer in layers}
-    cfg = saehook.TrainConfig(batch_tokens=8192, shuffle_buffer=0, matmul_dtype=args.matmul_dtype)
+    cfg = saehook.TrainConfig(batch_tokens=8192, shuffle_buffer=0, matmul_dtype=args.matmul_dtype,
+                              init_samples=8192)  # the warm-up's first batch initialises, so it takes two steps
     with saehook.attach(model, saes, record=False) as hooked:
         session = TrainingSession(hooked, cfg)
     # attached only while its own batches run (the runs rotate), as the truncated runs are; the loop of train()
