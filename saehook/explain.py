@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .examples import TopExamples, _limited, as_saes, decode_token, encoded_batches
 from .hookpoints import Key, unwrap
@@ -240,11 +241,11 @@ class ExplainReport(Mapping):
 class _Runner:
     """Activation of given latents at the last position of short token sequences (batched forwards)."""
 
-    def __init__(self, model, key: Key, sae: TopKSAE, chunk: int):
+    def __init__(self, model, key: Key, sae: TopKSAE, chunk: int, bar=None):
         from .hooks import attach
 
         self.hooked = attach(model, {key: sae}, record=False)
-        self.key, self.sae, self.chunk = key, self.hooked.saes[key], chunk
+        self.key, self.sae, self.chunk, self.bar = key, self.hooked.saes[key], chunk, bar
         self.forwards = self.rows = self.tokens = 0
 
     @torch.no_grad()
@@ -258,6 +259,8 @@ class _Runner:
             self.forwards += 1
             self.rows += ids.shape[0]
             self.tokens += ids.numel()
+            if self.bar is not None:
+                self.bar.update(ids.shape[0])
             x = run.acts[self.key][:, -1].to(self.sae.W_enc.dtype)
             lat = latents[i: i + self.chunk].to(x.device)
             pre.append(self.sae.pre_acts(x).gather(-1, lat[:, None]).squeeze(-1).float().relu().cpu())
@@ -427,7 +430,10 @@ def explain(model, saes: Mapping[Key, TopKSAE] | TopKSAE, examples: Mapping[Key,
     explanations: dict = {}
     rerun_stats: dict = {}
     for key, sae in saes.items():
-        run = _Runner(model, key, sae, rerun_batch)
+        # the number of re-runs is known only as the suffixes are trimmed: a count and a rate, no total
+        bar = tqdm(unit="seq", disable=not progress or not chosen[key],
+                   desc=f"saehook explain: re-running suffixes of {len(chosen[key])} latents at {key}")
+        run = _Runner(model, key, sae, rerun_batch, bar)
         try:
             explanations[key] = _explain_key(run, key, examples[key], chosen[key], keep_fraction=keep_fraction,
                                              saliency_threshold=saliency_threshold, bos_id=bos_id,
@@ -435,6 +441,7 @@ def explain(model, saes: Mapping[Key, TopKSAE] | TopKSAE, examples: Mapping[Key,
                                              trim_on=trim_on, saliency_on=saliency_on)
         finally:
             run.close()
+            bar.close()
         rerun_stats[key] = {"forwards": run.forwards, "sequences": run.rows, "tokens": run.tokens}
     _score(model, saes, explanations, source, tokens, fire_fraction=fire_fraction, skip_rows=skip_rows,
            batch_size=batch_size, skip_positions=skip_positions, progress=progress)
@@ -449,15 +456,14 @@ def explain(model, saes: Mapping[Key, TopKSAE] | TopKSAE, examples: Mapping[Key,
 def _score(model, saes, explanations, source, tokens: int, *, fire_fraction: float, skip_rows: int, batch_size: int,
            skip_positions: int, progress: bool) -> None:
     """Held-out counts of every explanation, in one streaming pass."""
-    from tqdm.auto import tqdm
-
     from .evaluate import eval_batches
 
     names = ("tokens", "fires", "predicted", "hits", "fires_any", "predicted_any", "hits_any")
     for exps in explanations.values():
         for e in exps.values():
             e.counts = dict.fromkeys(names, 0)
-    bar = tqdm(total=tokens, unit="tok", unit_scale=True, disable=not progress, desc="saehook explain")
+    bar = tqdm(total=tokens, unit="tok", unit_scale=True, disable=not progress,
+               desc="saehook explain: scoring on held-out text")
     batches = _limited(_skip_rows(eval_batches(source, batch_size), skip_rows), tokens, skip_positions)
     seen = 0
     try:

@@ -70,6 +70,7 @@ class TrainingSession:
         self.seen: set = set()
         self.last: dict = {}
         self.on_step = None  # callback(key, metrics)
+        self.on_phase = None  # callback(name): "initialising scale and b_dec" (saehook.progress)
 
     @property
     def attention_mask(self):
@@ -124,8 +125,21 @@ class TrainingSession:
         if data_parallel:
             ready = bool(D.all_reduce(torch.tensor([int(ready)]), op=D.dist.ReduceOp.MIN))
         if ready:
+            if self.on_phase:
+                self.on_phase("initialising scale and b_dec")
             tr.initialize(buf.head(share))
         return ready
+
+    def fill_status(self) -> tuple[int, int]:
+        """``(held, needed)`` rows of the first hookpoint this rank trains: the first batch leaves its shuffle buffer
+        once it holds ``shuffle_buffer + batch`` rows and the trainer's ``init_rows`` (this rank's share); ``(0, 0)``
+        when this rank trains none."""
+        if not self.trainers:
+            return 0, 0
+        key = next(iter(self.trainers))
+        tr, buf = self.trainers[key], self.buffers[key]
+        share = -(-tr.init_rows // self.dist.world) if self.dist is not None and self.shard == "data" else tr.init_rows
+        return buf.n, max(buf.capacity + buf.batch, 0 if tr.initialized else share)
 
     def drain(self, flush: bool = False) -> int:
         """Train on full batches (once the trainer is initialised from the first ``init_samples`` rows); returns

@@ -182,7 +182,7 @@ class MetricsLogger:
 def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=None, *, resume: bool = False,
           batch_size: int = 8, progress: bool = True, log_to: Iterable[str] = (), shard: str = "data") -> TrainReport:
     """See :meth:`saehook.Hooked.train`."""
-    from tqdm.auto import tqdm
+    from .progress import TrainProgress
 
     cfg = config or TrainConfig()
     out = Path(out) if out is not None else None
@@ -211,8 +211,8 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
                            name="metrics.jsonl" if main else f"metrics.rank{rank}.jsonl")
     names = session.names
     history: list = []
-    bar = tqdm(total=tokens, initial=min(session.tokens, tokens), unit="tok", unit_scale=True,
-               disable=not (progress and main), desc="saehook train")
+    bar = TrainProgress(tokens, session.tokens, enabled=progress and main)  # phases; rate from the first step
+    session.on_phase = bar.phase
     t0, tok0 = time.perf_counter(), min((t.tokens for t in session.trainers.values()), default=0)
     logged: dict = {}
     recent: dict = {}  # key -> the last SMOOTH_STEPS training FVUs
@@ -230,12 +230,10 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
         if int(m["step"]) % cfg.log_every == 0 or int(m["step"]) == 1:
             record(key, m)
         if key == next(iter(session.trainers)):
-            bar.n = min(int(m["tokens"]), tokens)
             e2e = {cfg.e2e_loss: f"{m[cfg.e2e_loss]:.4f}"} if cfg.e2e_loss in m else {}
             fvu = sum(recent[key]) / len(recent[key]) if key in recent else float("nan")
-            bar.set_postfix({f"fvu (mean of last {SMOOTH_STEPS})": f"{fvu:.3f}", "l0": f"{m.get('l0', 0):.1f}",
-                             "dead": f"{m['dead_frac']:.2%}", **e2e}, refresh=False)
-            bar.refresh()
+            bar.trained(int(m["tokens"]), {f"fvu (mean of last {SMOOTH_STEPS})": f"{fvu:.3f}",
+                                           "l0": f"{m.get('l0', 0):.1f}", "dead": f"{m['dead_frac']:.2%}", **e2e})
 
     def all_min(v: int) -> int:
         return int(D.all_reduce(torch.tensor([v]), op=D.dist.ReduceOp.MIN)) if dist else v
@@ -273,12 +271,14 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
             with torch.no_grad():
                 hooked.run(batch, skip_positions=cfg.skip_positions, visit=session.feed)
             position += world
+            if not bar.training:  # no step yet: the rows stream into the shuffle buffer
+                bar.filling(*session.fill_status())
             session.drain()
             after_batch()
         if session.tokens < tokens and cfg.e2e_fraction > 0:
             from .e2e import e2e_step
 
-            bar.set_description(f"saehook train (end-to-end {cfg.e2e_loss})")
+            bar.phase("end-to-end", f" ({cfg.e2e_loss})")
             while session.tokens < tokens:
                 batch = next(stream, None)
                 if batch is None:
