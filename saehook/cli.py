@@ -16,6 +16,59 @@ from .dataclass_args import add_dataclass_args, dataclass_from_args, parse_count
 
 log = logging.getLogger("saehook")
 
+EVAL_TOKENS = "3k"
+"""``saehook eval``'s default: about a minute on 2 idle CPU cores for SmolLM2 and one hookpoint, every metric on
+(4,064 tokens took 152 s of CPU time; docs/quickstart.md has the measurement and the machine's load)."""
+
+USAGE_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                IsADirectoryError)
+"""Exceptions that mean the input was wrong (a value, a path, a name): one line, exit code 2."""
+FAILURES = (OSError, RuntimeError, ImportError, FloatingPointError, MemoryError)
+"""Exceptions that mean the work failed (disk, device, a missing package, a diverged run): one line, exit code 1.
+Anything else is a bug in saehook: its traceback is printed."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default shown ``(default: ...)``, except where the help already states it or there is none (off
+    switches, ``None``); a text of several lines (the examples of an epilog) kept as written, others wrapped."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+TRAIN_EPILOG = """examples:
+  saehook train --layers 20 --tokens 2M --out runs/x                  # one autoencoder at decoder layer 20
+  saehook train --layers 6 20 --latents 32k --k 64 --out runs/big      # two hookpoints from one forward pass
+  saehook train --layers model.layers.20.mlp --corpus my_texts/ --out runs/mlp   # a module path, your .txt files
+  saehook train --out runs/x --resume                                  # continue runs/x from its last checkpoint
+  saehook train --out runs/x --overwrite                               # delete runs/x's run files, start again
+A folder that is not empty is refused unless --resume or --overwrite."""
+
+DEMO_EPILOG = """examples:
+  saehook demo                        # trains into runs/demo (runs/demo-2, ... if it holds a run), then shows it
+  saehook demo --tokens 200k          # a quicker, rougher autoencoder
+  saehook demo --out runs/demo --resume   # finish an interrupted demo"""
+
+EVAL_EPILOG = """examples:
+  saehook eval --sae runs/demo                        # every autoencoder of a run; report.json in runs/demo
+  saehook eval --sae runs/x/model.layers.20 --tokens 50k   # one autoencoder, a 4x smaller error bar (~15 min)
+  saehook eval --sae runs/x --no-control --no-ablations    # FVU, L0, delta LM loss, KL only: ~2.5x faster
+  saehook eval --sae runs/x --out results/x.json --overwrite
+An existing report.json is kept: the new one is report-2.json, report-3.json, ..."""
+
+DASHBOARD_EPILOG = """examples:
+  saehook dashboard runs/demo                   # HTML pages in dash/: open dash/index.html
+  saehook dashboard runs/demo --explain 0       # no N2G explanations: much faster
+  saehook dashboard runs/x/model.layers.20 --latents 200 --out dash-l20"""
+
 
 def parse_key(text: str):
     return int(text) if re.fullmatch(r"-?\d+", text) else text
@@ -43,8 +96,15 @@ def add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--corpus", default=None,
                    help="text source: a .txt file, a folder, a .jsonl, hf:<dataset> (default: embedded BBC News)")
-    p.add_argument("--out", default="runs/demo" if demo else "runs/x", help="run directory")
+    if demo:
+        p.add_argument("--out", default=None, help="run directory (default: runs/demo; when that holds a run, the "
+                       "first free of runs/demo-2, runs/demo-3, ..., so a second demo keeps the first)")
+    else:
+        p.add_argument("--out", default="runs/x", help="run directory; one that is not empty is refused unless "
+                       "--resume or --overwrite")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run files in --out (autoencoders, checkpoints, metrics, reports) and start again")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="language model dtype; auto = bfloat16 where the device multiplies it natively (CUDA, CPUs "
                         "with AVX512-BF16/AMX), else float32 (the autoencoders train in float32)")
@@ -76,7 +136,11 @@ def run_train(args) -> dict:
 
     import saehook
 
+    from .runs import prepare_run
+
     cfg = dataclass_from_args(TrainConfig, args)  # first: a bad value fails before the model loads
+    prepare_run(args.out, resume=args.resume, overwrite=args.overwrite, clear=False,
+                flags=("--out", "--resume", "--overwrite"))  # and a refused --out before it too
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     from .models import auto_dtype
@@ -102,7 +166,8 @@ def run_train(args) -> dict:
           f"peak lr={cfg.lr_for(args.latents):.3g} ({cfg.lr_schedule})")
     with saehook.attach(model, saes) as hooked:
         report = hooked.train(corpus, tokens=args.tokens, config=cfg, out=args.out, resume=args.resume,
-                              batch_size=args.batch_size, progress=not args.no_progress, log_to=args.log_to)
+                              overwrite=args.overwrite, batch_size=args.batch_size, progress=not args.no_progress,
+                              log_to=args.log_to)
     print(f"\ntrained {report.tokens:,} tokens in {report.steps} steps, {report.seconds:.0f}s "
           f"({report.tokens_per_s:,.0f} tokens/s, forward + training)")
     used = json.loads((Path(args.out) / "train_config.json").read_text()).get("matmul_dtype_used", {})
@@ -115,8 +180,14 @@ def run_train(args) -> dict:
 def run_demo(args) -> None:
     """The main job: train on the embedded model and corpus, then show the autoencoder at work."""
     import saehook
+    from saehook.runs import next_free
     from saehook.training import SMOOTH_STEPS
 
+    if args.out is None:  # a second demo keeps the first: runs/demo-2, ... (--resume / --overwrite: runs/demo)
+        base = Path("runs/demo")
+        fresh = args.resume or args.overwrite or not base.exists() or not any(base.iterdir())
+        args.out = str(base if fresh else next_free(base))
+        print(f"run folder: {args.out}")
     res = run_train(args)
     model, tok, saes = res["model"], res["tokenizer"], res["saes"]
     key = next(iter(saes))
@@ -138,22 +209,27 @@ def run_demo(args) -> None:
     print(f"\nevaluating on {args.eval_tokens:,} held-out tokens (the corpus's test split)...")
     report = saehook.evaluate(model, {key: sae}, res["corpus"], tokens=args.eval_tokens, batch_size=8)
     print(report.table())
-    path = report.save(Path(args.out) / "report.json")
+    path = report.save(next_free(Path(args.out) / "report.json"))
     m = report[key]
     train_fvu = res["report"].train_fvu.get(key, float("nan"))
     print(f"held-out: fvu {m['fvu']:.4f} (train fvu, mean of the last {SMOOTH_STEPS} steps: {train_fvu:.4f}), "
           f"LM loss {m['clean_loss']:.3f} -> {m['spliced_loss']:.3f} with the "
-          f"reconstruction spliced in ({m['delta_lm_loss']:+.3f} nats, {m['ce_recovered_zero']:.1%} of the "
+          f"reconstruction spliced in ({m['delta_lm_loss']:+.3f} ± {m['delta_lm_loss_se']:.3f} nats, "
+          f"{m['ce_recovered_zero']:.1%} of the "
           f"zero-ablation loss recovered); report in {path}")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """The options of ``saehook eval``."""
     p.add_argument("--sae", action="append", required=True, metavar="DIR",
-                   help="an autoencoder folder (cfg.json + sae.safetensors), e.g. runs/x/model.layers.20; repeatable. "
-                        "Its hookpoint is metadata['hookpoint'] in cfg.json, else the folder name")
+                   help="a training run (all its autoencoders, e.g. runs/x) or one autoencoder folder (e.g. "
+                        "runs/x/model.layers.20); repeatable. The hookpoint is metadata['hookpoint'] in cfg.json, "
+                        "else the folder name")
     p.add_argument("--model", default=None, help="HF model name or path (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--tokens", type=parse_count, default=parse_count("50k"), help="evaluated tokens, e.g. 200k")
+    p.add_argument("--tokens", type=parse_count, default=parse_count(EVAL_TOKENS),
+                   help="evaluated tokens, e.g. 200k; the default answers in about a minute on 2 idle CPU cores "
+                        "(SmolLM2, one hookpoint), with the standard error of delta LM loss beside it (4x the tokens "
+                        "halve it, and take 4x as long)")
     p.add_argument("--corpus", default=None,
                    help="text source; its held-out split is used (default: embedded BBC News)")
     p.add_argument("--context", type=int, default=128, help="tokens per window")
@@ -170,8 +246,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="language model dtype")
     p.add_argument("--device-map", default=None, help="accelerate device map for the model, e.g. auto")
-    p.add_argument("--out", default=None, help="report JSON path (default: report.json next to the first --sae)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None,
+                   help="report JSON path (default: report.json in the run folder of the first --sae, or "
+                        "report-2.json, report-3.json, ... when it exists); an existing --out is refused unless "
+                        "--overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the control's random directions")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -180,17 +260,21 @@ def run_eval(args):
     import torch
 
     import saehook
+    from saehook.dashboard import load_saes
     from saehook.evaluate import evaluate
-    from saehook.hookpoints import saved_key
+    from saehook.formats.detect import single_format
+    from saehook.runs import next_free
 
     torch.manual_seed(args.seed)
-    saes = {}
-    for path in args.sae:
-        sae = saehook.TopKSAE.load(path)
-        key = saved_key(path, sae.metadata)
-        if key in saes:
-            raise SystemExit(f"two --sae folders have hookpoint {key!r}")
-        saes[key] = sae
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} exists: pass another --out, or --overwrite to replace it")
+    saes, where = {}, {}
+    for path in args.sae:  # a run folder (every autoencoder in it) or one autoencoder folder, as dashboard takes
+        for key, sae in load_saes(path).items():
+            if key in saes:
+                raise ValueError(f"two autoencoders for hookpoint {key!r} ({where[key]} and {path}): pass each "
+                                 "hookpoint once")
+            saes[key], where[key] = sae, path
     kwargs = {"dtype": _dtype(args.dtype)}
     if args.device_map:
         kwargs["device_map"] = args.device_map
@@ -204,11 +288,16 @@ def run_eval(args):
                       dense_threshold=args.dense_threshold, progress=not args.no_progress,
                       control=not args.no_control, ablations=not args.no_ablations, seed=args.seed)
     report.settings.update(model=args.model or "SmolLM2-135M-Instruct", corpus=args.corpus or "bbc_news",
-                           saes={str(k): str(p) for k, p in zip(saes, args.sae)}, dtype=args.dtype)
-    out = Path(args.out) if args.out else Path(args.sae[0]).resolve().parent / "report.json"
+                           saes={str(k): str(where[k]) for k in saes}, dtype=args.dtype)
+    first = Path(args.sae[0]).resolve()
+    run_dir = first.parent if single_format(first) else first
+    out = Path(args.out) if args.out else next_free(run_dir / "report.json")
     report.save(out)
-    print(f"{report.tokens:,} tokens in {time.perf_counter() - t0:.0f}s")
+    print(f"{report.tokens:,} tokens ({next(iter(report.values()))['windows']} windows) in "
+          f"{time.perf_counter() - t0:.0f}s")
     print(report.table())
+    print("se: standard error of delta LM loss over the windows; the value on unlimited text of this kind lies "
+          "within 2 se of the printed delta about 95% of the time")
     print(f"report written to {out}")
     return report
 
@@ -216,7 +305,10 @@ def run_eval(args):
 def add_dashboard_args(p: argparse.ArgumentParser) -> None:
     """The options of ``saehook dashboard``."""
     p.add_argument("run", help="a training run (its <hookpoint>/ autoencoder folders) or one autoencoder folder")
-    p.add_argument("--out", default="dash", help="output folder of the HTML dashboard")
+    p.add_argument("--out", default=None, help="output folder of the HTML dashboard (default: dash, or dash-2, "
+                   "dash-3, ... when it exists); an existing --out is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dashboard folder (one holding summary.json) given as --out")
     p.add_argument("--model", default=None, help="HF model name or path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--corpus", default=None,
                    help="text source; its held-out split is used (default: embedded BBC News)")
@@ -232,21 +324,35 @@ def add_dashboard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="language model dtype")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the latents shown and of the corpus split")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_dashboard(args):
     """Load the autoencoders of a run, the model and the held-out corpus, build the static dashboard."""
+    import shutil
+
     import saehook
     from saehook.dashboard import build_dashboard, load_saes
+    from saehook.runs import next_free
 
+    replace = False
+    if args.out is None:
+        args.out = str(next_free("dash"))
+    elif Path(args.out).exists() and any(Path(args.out).iterdir()):
+        if not (args.overwrite and (Path(args.out) / "summary.json").is_file()):
+            raise FileExistsError(f"--out {args.out} is not empty: choose another --out" + (
+                "" if args.overwrite else ", or pass --overwrite to replace the dashboard in it") + (
+                " (--overwrite replaces only a dashboard folder, one with summary.json)" if args.overwrite else ""))
+        replace = True
     saes = load_saes(args.run)
     model, tok = saehook.load_model(args.model, dtype=_dtype(args.dtype))
     corpus = saehook.Corpus.from_source(args.corpus, tok, context=args.context, holdout=args.holdout, seed=args.seed)
     print(f"dashboard of {len(saes)} autoencoder(s) at {list(saes)}: {args.tokens:,} held-out tokens of "
           f"{args.corpus or 'BBC News (embedded)'} with {args.model or 'SmolLM2-135M-Instruct (embedded)'}")
     t0 = time.perf_counter()
+    if replace:  # only now that the autoencoders, the model and the corpus loaded
+        shutil.rmtree(args.out)
     index = build_dashboard(saes, args.out, model, tok, corpus, tokens=args.tokens, score_tokens=args.score_tokens,
                             n_latents_shown=args.latents, n_explained=args.explain, n_examples=args.examples,
                             batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
@@ -359,27 +465,32 @@ def run_find(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="saehook", description=(
+    parser = argparse.ArgumentParser(prog="saehook", formatter_class=HelpFormatter, description=(
         "TopK sparse autoencoders on live Hugging Face models (Gao et al. 2024). "
         "Defaults run offline on the embedded SmolLM2-135M-Instruct and BBC News corpus."))
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress details, and show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train autoencoders online from forward passes",
                              description="Train TopK autoencoders at one or more hookpoints from one forward pass "
-                                         "per batch; checkpoints, metrics.jsonl and <hookpoint>/ dirs in --out.")
+                                         "per batch; checkpoints, metrics.jsonl and <hookpoint>/ dirs in --out.",
+                             epilog=TRAIN_EPILOG, formatter_class=HelpFormatter)
     add_train_args(p_train)
-    p_demo = sub.add_parser("demo", help="the main job on the embedded model and corpus (~6 min on 2 CPU cores)",
+    p_demo = sub.add_parser("demo", epilog=DEMO_EPILOG, formatter_class=HelpFormatter,
+                            help="the main job on the embedded model and corpus (~6 min on 2 CPU cores)",
                             description="Train a layer-20 autoencoder on SmolLM2 over BBC News, save it, then read "
                                         "latents, steer generation and measure the spliced LM loss.")
     add_train_args(p_demo, demo=True)
     p_demo.add_argument("--eval-tokens", type=parse_count, default=parse_count("16k"),
                         help="held-out tokens for the final evaluation")
     p_eval = sub.add_parser("eval", help="evaluate saved autoencoders on held-out text",
+                            epilog=EVAL_EPILOG, formatter_class=HelpFormatter,
                             description="FVU, L0, dead/dense latents and the downstream loss (delta LM loss, KL, "
                                         "CE recovered vs zero- and mean-ablation) of saved autoencoders; prints a "
                                         "table and writes a JSON report.")
     add_eval_args(p_eval)
     p_dash = sub.add_parser("dashboard", help="build a static HTML dashboard of latents",
+                            epilog=DASHBOARD_EPILOG, formatter_class=HelpFormatter,
                             description="Top examples, density, logit effects and N2G explanations (with their "
                                         "precision / recall on held-out text) of saved autoencoders, as static "
                                         "HTML pages with a client-side search.")
@@ -390,19 +501,33 @@ def main(argv: list[str] | None = None) -> int:
                                         "search the latents' top contexts for a phrase.",
                             epilog=FIND_EPILOG, formatter_class=_FindHelp)
     add_find_args(p_find)
+    for p in sub.choices.values():  # -v also after the subcommand (`saehook eval -v ...`)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log progress details, and show the traceback of an error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    if args.command == "train":
-        run_train(args)
-    elif args.command == "eval":
-        run_eval(args)
-    elif args.command == "dashboard":
-        run_dashboard(args)
-    elif args.command == "find":
-        run_find(args)
-    else:
-        run_demo(args)
+    run = {"train": run_train, "eval": run_eval, "dashboard": run_dashboard, "find": run_find, "demo": run_demo}
+    try:
+        run[args.command](args)
+    except (*USAGE_ERRORS, *FAILURES) as e:
+        return report_error(e, args.verbose)
     return 0
+
+
+def report_error(e: BaseException, verbose: bool) -> int:
+    """Print ``e`` as one line ``saehook: error: ...`` on stderr (with ``verbose``, its traceback first); returns
+    the exit code: 2 for wrong input (:data:`USAGE_ERRORS`), 1 for a failure (:data:`FAILURES`)."""
+    import traceback
+
+    if verbose:
+        traceback.print_exception(e)
+    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+    if isinstance(e, OSError) and e.strerror and e.filename:  # "[Errno 2] No such file..." -> its parts
+        text = f"{e.filename}: {e.strerror}"
+    line = " ".join(str(text).split()) or type(e).__name__
+    hint = "" if verbose else " (saehook -v shows the traceback)" if not isinstance(e, USAGE_ERRORS) else ""
+    print(f"saehook: error: {line}{hint}", file=sys.stderr)
+    return 2 if isinstance(e, USAGE_ERRORS) else 1
 
 
 if __name__ == "__main__":

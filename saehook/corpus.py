@@ -209,7 +209,8 @@ class Corpus:
 
     ``documents`` may be a sequence (tokenizations are cached, document order is shuffled), a
     zero-argument callable returning a fresh iterable (re-streamed on every pass), or a one-shot
-    iterable (usable for a single pass). Plain strings are accepted as Documents without id.
+    iterable (usable for a single pass). Plain strings are accepted as Documents without id. A sequence
+    with no text in it (empty, or only empty documents) raises ``ValueError`` here, before anything is run.
     """
 
     def __init__(
@@ -234,6 +235,9 @@ class Corpus:
         self._once: Iterable[Document] | None = None
         if isinstance(documents, Sequence) and not isinstance(documents, str):
             self._docs = [_as_doc(d) for d in documents]
+            if not any(d.text.strip() for d in self._docs):
+                raise ValueError(f"the corpus has no text ({len(self._docs)} documents, "
+                                 f"{'all empty' if self._docs else 'none given'}): give documents with text in them")
         elif callable(documents):
             self._factory = documents
         else:

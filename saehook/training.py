@@ -22,8 +22,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from itertools import islice
+from dataclasses import dataclass, field, replace
+from itertools import chain, islice
 from pathlib import Path
 
 import torch
@@ -32,8 +32,10 @@ from torch import Tensor
 from . import atomic
 from . import distributed as D
 from .config import TrainConfig
+from .counts import as_count
 from .forward import StopForward
 from .forward import model_device as _model_device
+from .runs import clear_run, prepare_run
 from .session import TrainingSession, hookpoint_dirname
 
 __all__ = ["StopForward", "TrainReport", "TrainingSession", "collect_activations", "hookpoint_dirname",
@@ -74,6 +76,7 @@ def collect_activations(hooked, source, tokens: int, *, batch_size: int = 8, ski
     """Run forward passes over ``source`` until ``tokens`` rows per hookpoint are gathered (first
     ``skip_positions`` and padding excluded, each pass stopped after the deepest hookpoint); returns
     ``{key: Tensor [tokens, d]}`` on the CPU. For sweeps that train many autoencoders on the same data."""
+    tokens = as_count(tokens)
     rows: dict = {key: [] for key in hooked.saes}
     counts = dict.fromkeys(hooked.saes, 0)
 
@@ -99,8 +102,9 @@ def _epochs(corpus, batch_size: int) -> Iterator[Tensor]:
             n += 1
             yield batch
         if n == 0:
-            raise ValueError(f"the corpus has no full batch of {batch_size} windows of "
-                             f"{corpus.context} tokens")
+            raise ValueError(f"the corpus's training split has no full batch of {batch_size} windows of "
+                             f"{corpus.context} tokens ({corpus.n_tokens('train'):,} tokens in all): give it more "
+                             "text, or pass a smaller batch_size or context")
         epoch += 1
         log.info("corpus pass %d done after %d batches; starting over", epoch, n)
 
@@ -179,24 +183,41 @@ class MetricsLogger:
             self.tb.close()
 
 
-def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=None, *, resume: bool = False,
-          batch_size: int = 8, progress: bool = True, log_to: Iterable[str] = (), shard: str = "data") -> TrainReport:
+def train(hooked, source, tokens: int | str, config: TrainConfig | None = None, out=None, *, resume: bool = False,
+          overwrite: bool = False, batch_size: int = 8, progress: bool = True, log_to: Iterable[str] = (),
+          shard: str = "data") -> TrainReport:
     """See :meth:`saehook.Hooked.train`."""
     from .progress import TrainProgress
 
     cfg = config or TrainConfig()
+    tokens = as_count(tokens)
+    if tokens <= 0:
+        raise ValueError(f"tokens must be positive, got {tokens}")
+    # every rank checks before any rank writes: a refused folder is refused everywhere, and nothing is written
+    prepare_run(out, resume=resume, overwrite=overwrite, clear=False)
     out = Path(out) if out is not None else None
-    if resume and (out is None or not (out / "checkpoints" / "LATEST").is_file()):
-        raise FileNotFoundError(f"resume=True but there is no checkpoint in {out}/checkpoints")
     device = _model_device(hooked.model)
     dist = D.setup(device)
-    if dist is not None and cfg.e2e_fraction > 0:
+    if dist is not None and cfg.e2e_fraction:
         raise ValueError(f"end-to-end training (e2e_fraction={cfg.e2e_fraction}) runs in one process for now; "
-                         "train with several ranks at e2e_fraction=0")
+                         "train with several ranks at e2e_fraction=0 (or None, the default)")
+    # None = automatic: the last AUTO_E2E_FRACTION of a one-process run end-to-end, none with several ranks
+    cfg = replace(cfg, e2e_fraction=cfg.e2e_fraction_for(live=dist is None))
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
     main = rank == 0
     session = TrainingSession(hooked, cfg, total_tokens=tokens, stop_early=True, dist=dist, shard=shard)
     position = session.load(out) if resume else 0
+    # data parallel: rank r reads batches r, r + world, ... of the stream; layer sharding likewise
+    stream = islice(iter_batches(source, batch_size=batch_size, start=position), rank, None, world)
+    first = next(stream, None)  # an empty source fails here, before the run folder is touched
+    if first is None and position == 0 and dist is None:
+        raise ValueError("the source gave no batch to train on (an empty list or iterator?): pass a Corpus or an "
+                         "iterable of input_ids batches with text in it")
+    stream = chain([first] if first is not None else [], stream)
+    if dist is not None:
+        D.barrier()
+    if out is not None and main and overwrite:
+        clear_run(out)
     if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
         # with "auto" fields as resolved on each autoencoder's device (this rank's trainers)
@@ -258,8 +279,6 @@ def train(hooked, source, tokens: int, config: TrainConfig | None = None, out=No
             tr.init_rows = min(tr.init_rows, local_tokens)
     was_recording = hooked.record
     hooked.record = False
-    # data parallel: rank r reads batches r, r + world, ... of the stream; layer sharding likewise
-    stream = islice(iter_batches(source, batch_size=batch_size, start=position), rank, None, world)
     try:
         while session.tokens < local_tokens:
             batch = next(stream, None)
