@@ -2,6 +2,7 @@
 the `saehook dashboard` command, and the density plot."""
 
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -17,6 +18,8 @@ from transformers import PreTrainedTokenizerFast
 from saehook import TopKSAE
 from saehook.cli import main
 from saehook.dashboard import build_dashboard, load_saes
+from saehook.examples import top_examples
+from saehook.features import search_contexts
 from saehook.plots import plot_density
 
 EVIL = "<script>alert(1)</script>"  # the string of token TOK: it must be shown, never run
@@ -32,7 +35,7 @@ def make_tokenizer():
     return tok, words
 
 
-def chromium_dom(url: str, tmp_path) -> str:
+def chromium_dom(url: str, tmp_path, wait_ms: int = 0) -> str:
     exe = shutil.which("chromium")
     if exe is None:
         pytest.fail("chromium is not installed: this test renders the dashboard in headless Chromium. Install it "
@@ -40,9 +43,25 @@ def chromium_dom(url: str, tmp_path) -> str:
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--dump-dom", url]
+    if wait_ms:  # let scripts the page loads (its data files) run before the DOM is dumped
+        cmd.insert(-2, f"--virtual-time-budget={wait_ms}")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "<html" in res.stdout, res.stderr[-2000:]
     return res.stdout
+
+
+def labelled():
+    """16 documents of BOS + 20 random token ids; the 8 of label "a" contain the planted latent's token twice."""
+    rng = random.Random(0)
+    texts, labels = [], []
+    for label in "ab":
+        for _ in range(8):
+            doc = [1] + [rng.randrange(8, 128) for _ in range(20)]
+            if label == "a":
+                doc[4] = doc[12] = TOK
+            texts.append(doc)
+            labels.append(label)
+    return texts, labels
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +73,12 @@ def dashboard(tmp_path_factory):
     saes = {"model.embed_tokens": planted_sae(model), 1: TopKSAE(32, 64, 4)}
     index = build_dashboard(saes, out, model, tok, token_batches(0, 12), tokens=700, score_tokens=700,
                             n_latents_shown=6, n_explained=6, n_examples=8, context=(6, 2),
-                            latents={"model.embed_tokens": [PLANTED, 11, 20]})
-    return out, index
+                            latents={"model.embed_tokens": [PLANTED, 11, 20]}, labels=labelled())
+    return out, index, model, tok, saes
 
 
 def test_files_and_summary(dashboard):
-    out, index = dashboard
+    out, index, *_ = dashboard
     assert index == out / "index.html" and index.is_file()
     for name in ("model.embed_tokens", "1"):
         assert (out / name / "density.png").stat().st_size > 1000
@@ -77,7 +96,7 @@ def test_files_and_summary(dashboard):
 
 
 def test_token_strings_are_escaped(dashboard):
-    out, _ = dashboard
+    out, *_ = dashboard
     page = (out / "model.embed_tokens" / f"latent-{PLANTED}.html").read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and EVIL not in page
     assert "<script" not in page  # latent pages carry no script at all
@@ -87,7 +106,7 @@ def test_token_strings_are_escaped(dashboard):
 
 
 def test_latent_page_renders_in_chromium(dashboard, tmp_path):
-    out, _ = dashboard
+    out, *_ = dashboard
     dom = chromium_dom((out / "model.embed_tokens" / f"latent-{PLANTED}.html").as_uri(), tmp_path)
     examples = dom.split('id="examples"', 1)[1]
     assert examples.count('class="ex"') == 8  # every top example is in the rendered page
@@ -101,14 +120,85 @@ def rows(dom: str) -> list[tuple[str, str]]:
 
 
 def test_index_search_filters_in_chromium(dashboard, tmp_path):
-    out, index = dashboard
+    out, index, *_ = dashboard
     every = rows(chromium_dom(index.as_uri(), tmp_path))
-    assert len(every) == 9  # 3 + 6 shown latents
+    assert len(every) == 128  # every latent of both autoencoders, not only the 3 + 6 shown
     by_id = rows(chromium_dom(index.as_uri() + "?q=" + urllib.parse.quote(f"#{PLANTED}"), tmp_path))
     assert ("model.embed_tokens", str(PLANTED)) in by_id and {i for _, i in by_id} == {str(PLANTED)}
     by_token = rows(chromium_dom(index.as_uri() + "?q=script", tmp_path))  # top token of the planted latent
     assert ("model.embed_tokens", str(PLANTED)) in by_token and len(by_token) < len(every)
     assert rows(chromium_dom(index.as_uri() + "?q=no-such-thing", tmp_path)) == []
+
+
+def index_data(index) -> dict:
+    text = index.read_text()
+    raw = text.split('<script id="latent-index" type="application/json">', 1)[1].split("</script>", 1)[0]
+    return json.loads(raw)
+
+
+def test_index_sorts_every_column_in_chromium(dashboard, tmp_path):
+    """Rows follow the column asked for (?sort=...&order=..., as a click on its header sets): the rendered order
+    equals the index's latents sorted in Python; the planted latent, fired only by label "a"'s token, has the
+    highest label specificity and "a" as its top label."""
+    out, index, *_ = dashboard
+    latents = index_data(index)["latents"]
+    assert len(latents) == 128
+    for col, order in (("density", "desc"), ("density", "asc"), ("max", "desc"), ("specificity", "desc")):
+        dom = chromium_dom(index.as_uri() + f"?sort={col}&order={order}", tmp_path)
+        sign = -1 if order == "desc" else 1
+        missing = float("inf") if order == "asc" else float("-inf")
+        want = sorted(latents, key=lambda e: (sign * (e[col] if e[col] is not None else -missing), e["key"], e["id"]))
+        assert rows(dom) == [(e["key"], str(e["id"])) for e in want], col
+        assert f'data-sort="{col}" data-order="{order}"' in dom
+    top = next(e for e in latents if e["key"] == "model.embed_tokens" and e["id"] == PLANTED)
+    assert top["top_label"] == "a" and top["specificity"] == max(e["specificity"] or 0 for e in latents)
+    # it fires, at one value v, on 2 of the 20 evaluated tokens of every "a" document and never on "b": Cohen's d
+    # = (0.1 v - 0) / sqrt((0.09 v^2 + 0) / 2)
+    assert top["specificity"] == pytest.approx(0.1 / 0.045 ** 0.5, abs=1e-4)
+    first = rows(chromium_dom(index.as_uri() + "?sort=specificity&order=desc", tmp_path))[0]
+    assert first == ("model.embed_tokens", str(PLANTED))
+
+
+def test_phrase_search_matches_search_contexts_in_chromium(dashboard, tmp_path):
+    """The page's phrase search over the top examples (loaded from the data files) finds the same latents, in the
+    same order, with the same match counts, as saehook.features.search_contexts on the same examples."""
+    out, index, model, tok, saes = dashboard
+    exs = top_examples(model, saes, token_batches(0, 12), tokens=700, n_examples=8, context=(6, 2))
+    for phrase in ("w1", "w4 w", "SCRIPT>ALERT"):
+        want = search_contexts(exs, phrase, tok, top=None)
+        assert want, phrase
+        dom = chromium_dom(index.as_uri() + "?phrase=" + urllib.parse.quote(phrase), tmp_path, wait_ms=10_000)
+        assert f'data-phrase="{html_attr(phrase)}"' in dom  # the search ran to its end
+        assert rows(dom) == [(str(m.key), str(m.latent)) for m in want], phrase
+        shown = re.findall(r'<td class="ctx">(\d+)/(\d+): ', dom)
+        assert shown == [(str(m.hits), str(m.examples)) for m in want]
+    planted = search_contexts(exs, "SCRIPT>ALERT", tok, top=1)[0]
+    assert (planted.key, planted.latent, planted.hits) == ("model.embed_tokens", PLANTED, 8)
+
+
+def html_attr(text: str) -> str:
+    return text.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def test_every_latent_page_in_chromium(dashboard, tmp_path):
+    """latent.html renders any latent from its data file: statistics, per-label rates, a histogram whose counts add
+    up to the latent's firings, quantile examples, top examples."""
+    out, index, *_ = dashboard
+    latents = {(e["key"], e["id"]): e for e in index_data(index)["latents"]}
+    dom = chromium_dom((out / "latent.html").as_uri() + f"?h=model.embed_tokens&id={PLANTED}", tmp_path, 10_000)
+    assert 'data-ready="1"' in dom and f"Latent {PLANTED} at model.embed_tokens" in dom
+    labels = re.findall(r"<tr><td>(a|b)</td><td class=\"num\">([\d.]+)%</td>", dom)
+    assert [lab for lab, _ in labels] == ["a", "b"] and float(labels[1][1]) == 0 < float(labels[0][1])
+    summary = json.loads((out / "summary.json").read_text())["hookpoints"]["model.embed_tokens"]
+    bars = re.findall(r'title="(\d+) firings with activation', dom)
+    assert len(bars) == 20
+    assert sum(map(int, bars)) == round(latents[("model.embed_tokens", PLANTED)]["density"] * summary["tokens"])
+    quant = dom.split('id="quantiles"', 1)[1].split("<h2>", 1)[0]
+    assert quant.count("<h3>") == 4 and quant.count('class="t hit"') >= 4
+    assert dom.split('id="examples"', 1)[1].count('class="ex"') == 8
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom and "<script>alert" not in dom
+    dom = chromium_dom((out / "latent.html").as_uri() + "?h=1&id=63", tmp_path, 10_000)  # the other hookpoint's
+    assert 'data-ready="1"' in dom and "Latent 63 at 1" in dom and 'id="examples"' in dom
 
 
 def test_dashboard_command(tmp_path, capsys):
