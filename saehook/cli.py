@@ -464,7 +464,8 @@ def run_find(args) -> dict:
     return found
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``saehook`` parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="saehook", formatter_class=HelpFormatter, description=(
         "TopK sparse autoencoders on live Hugging Face models (Gao et al. 2024). "
         "Defaults run offline on the embedded SmolLM2-135M-Instruct and BBC News corpus."))
@@ -504,7 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     for p in sub.choices.values():  # -v also after the subcommand (`saehook eval -v ...`)
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="log progress details, and show the traceback of an error")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``saehook <command> ...``; returns the exit code: 0, or 2 / 1 after a one-line error (:func:`report_error`)."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     run = {"train": run_train, "eval": run_eval, "dashboard": run_dashboard, "find": run_find, "demo": run_demo}
     try:

@@ -106,3 +106,19 @@ def test_train_summary_quotes_the_smoothed_fvu(local_model, tmp_path, capsys):
     row = next(line for line in printed.splitlines() if line.startswith("model.layers.1 "))
     assert row.split()[1] == f"{smoothed:.4f}"
     assert "* train fvu: mean of the last 50 training steps" in printed
+
+
+def test_every_subcommand_help_shows_its_defaults_and_examples():
+    """Issue 17 kind 3: every option with a default shows it in --help, and each subcommand has examples."""
+    from saehook.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        text = " ".join(p.format_help().split())
+        assert "examples: saehook " + name in text, name
+        for action in p._actions:
+            if action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+                continue
+            help_ = " ".join(p._get_formatter()._expand_help(action).split()) if action.help else ""
+            assert "(default" in help_, (name, action.option_strings)
+            assert help_ in text, (name, action.option_strings)
