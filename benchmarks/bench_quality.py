@@ -49,14 +49,16 @@ BENCH_VENV = ROOT / ".venv-bench"
 # Each arm: TrainConfig keyword arguments on top of the defaults ("default" = TrainConfig()).
 # The defaults before this search (issue 14, first round): ~500 steps with batches of at least 1,024 rows,
 # the paper's Adam betas, AuxK weight 1/32 on latents silent for 5% of the run.
-PREV = {"target_steps": 500, "betas": (0.9, 0.999), "auxk_coef": 1 / 32, "dead_fraction": 0.05}
+# (No end-to-end phase: e2e_fraction=0, where today's default runs the last 2% end-to-end.)
+PREV = {"target_steps": 500, "betas": (0.9, 0.999), "auxk_coef": 1 / 32, "dead_fraction": 0.05, "e2e_fraction": 0.0}
 # The paper's rule as saehook shipped it before issue 14: 8,192 rows per step, 2e-4 / sqrt(n / 2^14), constant.
 PAPER = {**PREV, "batch_tokens": 8192, "lr_schedule": "constant", "warmup_fraction": 0.0, "lr_scale": 1.0}
 # Second round, from PREV: batch 1,024, AuxK weight 1/8 on latents silent for 1% of the run (B); plus beta2 0.99 (C).
 B = {**PREV, "batch_tokens": 1024, "dead_fraction": 0.01, "auxk_coef": 1 / 8}
 C = {**B, "betas": (0.9, 0.99)}
 VARIANTS: dict[str, dict] = {
-    "default": {},
+    "default": {},  # with the live model, as hooked.train: the last 2% end-to-end (e2e_fraction=None)
+    "default-no-e2e": {"e2e_fraction": 0.0},  # the defaults without it (SAETrainer on cached rows, several ranks)
     "paper": PAPER,
     "prev": PREV,
     # first round: one lever at a time against the paper's rule, then against PREV
@@ -95,6 +97,9 @@ VARIANTS: dict[str, dict] = {
     "e2e-ce-2%": {"e2e_fraction": 0.02, "e2e_loss": "ce"},
     "e2e-kl-2%-pure": {"e2e_fraction": 0.02, "e2e_fvu_coef": 0.0},
     "normalize-channel": {"normalize": "channel"},
+    # third round: dead latents at n = 16,384 (a latent fires on k / n of the tokens)
+    "default-dead1%": {"dead_fraction": 0.01},
+    "default-auxk1/32": {"auxk_coef": 1 / 32},
 }
 
 
@@ -159,17 +164,20 @@ def train_saehook(rows, d, n, k, tokens, overrides: dict, seed: int = 0, matmul_
     torch.manual_seed(seed)
     sae = saehook.TopKSAE(d, n, k)
     trainer = saehook.SAETrainer(sae, cfg, total_tokens=tokens)
-    local = round((1 - cfg.e2e_fraction) * tokens)
+    e2e_fraction = cfg.e2e_fraction_for(live=live is not None)
+    if trainer.init_rows:  # scale and b_dec from init_samples rows, as hooked.train fits them
+        trainer.initialize(rows[:trainer.init_rows].float())
+    local = round((1 - e2e_fraction) * tokens)
     t0 = time.perf_counter()
     m = {}
-    if cfg.e2e_fraction > 0:
+    if e2e_fraction > 0:
         model, corpus, layer, first = live
         per_batch = 8 * (corpus.context - cfg.skip_positions)
         n_local = -(-local // trainer.batch_tokens)
         trainer.total_steps = n_local + -(-(tokens - n_local * trainer.batch_tokens) // per_batch)
     for batch in epoch_batches(rows, local, trainer.batch_tokens, seed):
         m = trainer.step(batch)
-    if cfg.e2e_fraction > 0:
+    if e2e_fraction > 0:
         from saehook.e2e import e2e_step
 
         with saehook.attach(model, {layer: sae}, record=False) as hooked:

@@ -13,6 +13,7 @@ residual from the top ``k_aux`` dead pre-activations. The counters live on the a
 from __future__ import annotations
 
 import logging
+import math
 from typing import NamedTuple
 
 import torch
@@ -75,7 +76,9 @@ class SAETrainer:
         self.dead_threshold = cfg.dead_tokens
         if total_tokens:
             # never before a latent had one full batch to fire in
-            self.dead_threshold = max(self.batch_tokens, min(cfg.dead_tokens, int(cfg.dead_fraction * total_tokens)))
+            floor = math.ceil(cfg.dead_firings * sae.n_latents / sae.k)  # tokens for dead_firings expected firings
+            self.dead_threshold = max(self.batch_tokens,
+                                      min(cfg.dead_tokens, max(floor, int(cfg.dead_fraction * total_tokens))))
         self.k_aux = min(cfg.k_aux or sae.d_in // 2, sae.n_latents)
         self.matmul_dtype = auto_dtype(cfg.matmul_dtype, sae.W_enc.device)
         """The encoder matmul's dtype name: ``config.matmul_dtype`` with ``"auto"`` resolved for this device."""

@@ -202,7 +202,7 @@ def train(hooked, source, tokens: int | str, config: TrainConfig | None = None, 
         raise ValueError(f"end-to-end training (e2e_fraction={cfg.e2e_fraction}) runs in one process for now; "
                          "train with several ranks at e2e_fraction=0 (or None, the default)")
     # None = automatic: the last AUTO_E2E_FRACTION of a one-process run end-to-end, none with several ranks
-    cfg = replace(cfg, e2e_fraction=cfg.e2e_fraction_for(live=dist is None))
+    asked, cfg = cfg, replace(cfg, e2e_fraction=cfg.e2e_fraction_for(live=dist is None))
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
     main = rank == 0
     session = TrainingSession(hooked, cfg, total_tokens=tokens, stop_early=True, dist=dist, shard=shard)
@@ -221,9 +221,10 @@ def train(hooked, source, tokens: int | str, config: TrainConfig | None = None, 
     if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
         # with "auto" fields as resolved on each autoencoder's device (this rank's trainers)
-        used = {"matmul_dtype_used": {session.names[k]: tr.matmul_dtype for k, tr in session.trainers.items()}}
+        used = {"matmul_dtype_used": {session.names[k]: tr.matmul_dtype for k, tr in session.trainers.items()},
+                "e2e_fraction_used": cfg.e2e_fraction}
         atomic.write_file(out / "train_config.json", atomic.json_bytes({"tokens": tokens, "world": world,
-                                                                        "shard": shard, **cfg.to_dict(), **used}))
+                                                                        "shard": shard, **asked.to_dict(), **used}))
     if dist is not None:
         D.barrier()
     # data parallel: rank 0 logs (every rank has the same numbers); layer sharded: each rank its own layers

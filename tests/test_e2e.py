@@ -207,7 +207,9 @@ def test_e2e_resume_equals_uninterrupted(tmp_path):
 def test_e2e_config_validation_and_round_trip():
     cfg = TrainConfig(e2e_fraction=0.25, e2e_loss="ce", e2e_fvu_coef=0.0)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    assert TrainConfig().e2e_fraction == 0.0 and TrainConfig().e2e_loss == "kl" and TrainConfig().e2e_fvu_coef == 1
+    assert TrainConfig().e2e_fraction is None and TrainConfig().e2e_fraction_for(live=True) == 0.02
+    assert TrainConfig().e2e_fraction_for(live=False) == 0.0 and TrainConfig(e2e_fraction=0.0).e2e_fraction_for(True) == 0
+    assert TrainConfig().e2e_loss == "kl" and TrainConfig().e2e_fvu_coef == 1
     with pytest.raises(ValueError, match="e2e_fraction must be in"):
         TrainConfig(e2e_fraction=1.5)
     with pytest.raises(ValueError, match="e2e_loss must be 'kl' or 'ce'"):
@@ -221,3 +223,20 @@ def test_e2e_refuses_several_processes(monkeypatch):
     with saehook.attach(tiny_model("llama"), {1: TopKSAE(32, 64, 4)}) as hooked:
         with pytest.raises(ValueError, match="runs in one process"):
             hooked.train(source(2), tokens=500, config=TrainConfig(e2e_fraction=0.5), progress=False)
+
+
+def test_default_runs_the_last_two_percent_end_to_end(tmp_path):
+    """TrainConfig() leaves e2e_fraction None: hooked.train (one process, known length) trains the last
+    AUTO_E2E_FRACTION of its tokens end-to-end on KL, and says so in train_config.json."""
+    torch.manual_seed(0)
+    sae = TopKSAE(32, 64, 4)
+    cfg = TrainConfig(batch_tokens=256, shuffle_buffer=512, init_samples=512, log_every=1)
+    with saehook.attach(sharp_model(), {1: sae}) as hooked:
+        report = hooked.train(source(60), tokens=12_000, config=cfg, out=tmp_path / "run", progress=False)
+    lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    local, e2e = [m for m in lines if "kl" not in m], [m for m in lines if "kl" in m]
+    # 11,760 local tokens: 46 steps of 256 rows (11,776), then one end-to-end step per model batch to 12,000
+    assert len(local) == 46 and len(e2e) >= 1 and lines[-len(e2e):] == e2e, (len(local), len(e2e))
+    assert report.tokens >= 12_000
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["e2e_fraction"] is None and saved["e2e_fraction_used"] == 0.02

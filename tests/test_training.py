@@ -63,15 +63,30 @@ def test_first_step_sets_scale_and_geometric_median():
     assert (sae.b_dec - 7.0 * s).abs().max() < 0.1
 
 
+def test_dead_threshold_counts_expected_firings():
+    """dead after max(dead_fraction * tokens, dead_firings * n / k) tokens (capped by dead_tokens, at least a
+    batch): the 1M-token default gives 2,560 tokens at n = 4,096 and 10,240 at n = 16,384 (k = 32)."""
+    def threshold(n, tokens, **kw):
+        return SAETrainer(TopKSAE(8, n, 32), TrainConfig(**kw), total_tokens=tokens).dead_threshold
+    assert threshold(4096, 10**6) == 2560 and threshold(16384, 10**6) == 10240
+    assert threshold(4096, 4 * 10**6) == 10_000  # 0.25% of the run is the larger
+    assert threshold(4096, 10**6, dead_firings=0) == 2500
+    assert threshold(16384, 10**6, dead_tokens=5000) == 5000
+    assert threshold(16384, 10**6, batch_tokens=16384) == 16384
+    with pytest.raises(ValueError, match="dead_firings"):
+        TrainConfig(dead_firings=-1)
+
+
 def test_dead_latents_and_auxk():
     torch.manual_seed(0)
     x = torch.randn(2048, 1) @ torch.randn(1, 16)  # rank 1: few latents ever win the top 2
     sae = TopKSAE(16, 512, 2)
     tr = SAETrainer(sae, TrainConfig(batch_tokens=2048), total_tokens=2048 * 40)
-    assert tr.dead_threshold == 2048  # 0.25% of the run (205 tokens), but never below one batch
-    for _ in range(3):
+    # 0.25% of the run is 205 tokens, but never below 20 expected firings (20 * 512 / 2) nor one batch
+    assert tr.dead_threshold == 5120
+    for _ in range(4):
         m = tr.step(x)
-    assert m["dead_frac"] > 0.2 and "auxk_fvu" in m  # most latents never fired in 6k tokens
+    assert m["dead_frac"] > 0.2 and "auxk_fvu" in m  # most latents never fired in 6k tokens (AuxK from step 4)
     tr2 = SAETrainer(TopKSAE(16, 512, 2), TrainConfig(batch_tokens=2048, auxk=False), total_tokens=2048 * 40)
     for _ in range(3):
         m2 = tr2.step(x)
@@ -326,7 +341,7 @@ def test_new_options_round_trip_through_checkpoint_and_resume(tmp_path, kw):
     cfg = small_cfg(**{"checkpoint_every": 7, **kw})
     full = train_tiny(tmp_path / "a", source(60), cfg)
     saved = json.loads((tmp_path / "a" / "train_config.json").read_text())
-    run_keys = ("tokens", "world", "shard", "matmul_dtype_used")
+    run_keys = ("tokens", "world", "shard", "matmul_dtype_used", "e2e_fraction_used")
     assert TrainConfig.from_dict({k: v for k, v in saved.items() if k not in run_keys}) == cfg
     with pytest.raises(Interrupt):
         train_tiny(tmp_path / "b", dying(17), cfg)
