@@ -146,6 +146,10 @@ def resolve(model: nn.Module, key: Key) -> Hookpoint:
     if site not in SITES:
         raise ValueError(f"unknown site {site!r} in hookpoint {key!r}; use one of {SITES}")
     modules = dict(model.named_modules())
+    base = getattr(model, "base_model_prefix", "")
+    if name not in modules and base and f"{base}.{name}" in modules:
+        # a path inside the base model, as sparsify names hookpoints (`layers.20` is `model.layers.20`)
+        name = f"{base}.{name}"
     if name not in modules:
         near = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.5)
         example = [f"{layers_name}.0", f"{layers_name}.0.mlp"] if f"{layers_name}.0.mlp" in modules else [
