@@ -16,7 +16,7 @@ from saehook import Corpus, TopKSAE, TrainConfig
 from saehook.cli import main, report_error
 from saehook.counts import as_count
 
-CFG = TrainConfig(batch_tokens=256, shuffle_buffer=512, init_samples=256)
+CFG = TrainConfig(batch_tokens=256, shuffle_buffer=512, init_samples=256, e2e_fraction=0.0)  # steps counted
 
 
 def one_sentence(e) -> str:

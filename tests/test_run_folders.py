@@ -13,7 +13,9 @@ from saehook import TopKSAE, TrainConfig
 from saehook.cli import main
 from saehook.runs import RunExistsError, next_free, prepare_run, run_files
 
-CFG = TrainConfig(batch_tokens=256, shuffle_buffer=512, log_every=1, init_samples=256, checkpoint_every=4)
+# e2e_fraction=0: these tests count steps and checkpoints of the local phase only
+CFG = TrainConfig(batch_tokens=256, shuffle_buffer=512, log_every=1, init_samples=256, checkpoint_every=4,
+                  e2e_fraction=0.0)
 
 
 def train(out, tokens, **kw):
@@ -99,7 +101,7 @@ def test_next_free_counts_up(tmp_path):
 def cli_train(path, text, out, *extra):
     return ["train", "--model", str(path), "--corpus", str(text), "--layers", "1", "--latents", "64", "--k", "4",
             "--tokens", "1k", "--batch-tokens", "256", "--context", "16", "--batch-size", "4", "--shuffle-buffer", "0",
-            "--dtype", "float32", "--out", str(out), "--no-progress", *extra]
+            "--dtype", "float32", "--e2e-fraction", "0", "--out", str(out), "--no-progress", *extra]
 
 
 def test_cli_train_refuses_a_run_folder_without_a_traceback(local_model, tmp_path, capsys):  # noqa: F811
