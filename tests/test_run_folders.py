@@ -155,3 +155,16 @@ def test_eval_keeps_an_existing_report(local_model, tmp_path, capsys):  # noqa: 
     report = json.loads((out / "report.json").read_text())
     entry = report["hookpoints"]["model.layers.1"]
     assert entry["windows"] >= 8 and entry["delta_lm_loss_se"] > 0
+
+
+def test_dashboard_refuses_a_folder_it_did_not_build(tmp_path, capsys):
+    """An existing --out is refused (exit 2, files kept) unless --overwrite, and --overwrite replaces only a
+    dashboard folder (one with summary.json), never another folder's files; nothing is loaded first."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        assert main(["dashboard", str(tmp_path / "run"), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"--out {out} is not empty: choose another --out" in err
+    assert (out / "notes.txt").read_text() == "mine"
