@@ -318,7 +318,13 @@ def add_dashboard_args(p: argparse.ArgumentParser) -> None:
                    help="held-out tokens for the top examples and densities")
     p.add_argument("--score-tokens", type=parse_count, default=None,
                    help="further held-out tokens to score the explanations on (default: half of --tokens)")
-    p.add_argument("--latents", type=int, default=64, help="latents shown per hookpoint (a random sample of the alive)")
+    p.add_argument("--latents", type=int, default=64,
+                   help="latents with a static page (logit effects, explanation) per hookpoint, a random sample of the "
+                        "alive; every latent is in the sortable table and has a data page")
+    p.add_argument("--labels", default="bbc",
+                   help="labelled text for per-label firing rates and each latent's top label: 'bbc' (BBC News "
+                        "topics), a .jsonl of {text, label}, or 'none'")
+    p.add_argument("--per-label", type=int, default=20, help="documents per label read for --labels")
     p.add_argument("--explain", type=int, default=32, help="of those, how many get an N2G explanation (0: none)")
     p.add_argument("--examples", type=int, default=20, help="top examples per latent")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
@@ -355,7 +361,8 @@ def run_dashboard(args):
         shutil.rmtree(args.out)
     index = build_dashboard(saes, args.out, model, tok, corpus, tokens=args.tokens, score_tokens=args.score_tokens,
                             n_latents_shown=args.latents, n_explained=args.explain, n_examples=args.examples,
-                            batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+                            batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                            labels=None if args.labels == "none" else args.labels, per_label=args.per_label)
     summary = json.loads((Path(args.out) / "summary.json").read_text())
     for key, s in summary["hookpoints"].items():
         e = s["explainability"]

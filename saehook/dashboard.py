@@ -24,15 +24,28 @@ import math
 import os
 import random
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from .dashboard_assets import EXTRA_CSS, INDEX_JS, LATENT_JS, LOADER_JS
+from .dashboard_data import (
+    CHUNK,
+    contexts,
+    details,
+    index_rows,
+    label_arrays,
+    token_separator,
+    used_ids,
+    write_chunks,
+    write_vocab,
+)
 from .evaluate import EvalReport
 from .examples import TopExamples, as_saes, decode_token, logit_effects, top_examples, top_tokens
 from .hookpoints import Key, hookpoint_dirname, saved_key
+from .latent_sample import sample_activations
 from .sae import TopKSAE
 
 log = logging.getLogger(__name__)
@@ -100,69 +113,6 @@ input[type=search]{font-size:1.1em;width:60%;padding:4px}
 .cols{display:flex;gap:3em}code{background:#f3f3f3;padding:0 3px}.warning{color:#a40}
 """
 
-SEARCH_JS = r"""
-(function () {
-  const data = JSON.parse(document.getElementById('latent-index').textContent);
-  const box = document.getElementById('q'), body = document.getElementById('rows');
-  const count = document.getElementById('count');
-  function matches(e, q) {
-    if (!q) return true;
-    const id = q.match(/^#?(\d+)$/);
-    if (id && e.id === Number(id[1])) return true;
-    if (q.startsWith('#')) return false;
-    return q.split(/\s+/).every(w => e.text.includes(w));
-  }
-  function search(q) {
-    q = (q || '').trim().toLowerCase();
-    return data.latents.filter(e => matches(e, q));
-  }
-  function fmt(x, d) { return x === null || x === undefined ? '' : Number(x).toFixed(d); }
-  function cell(tr, text, cls) {
-    const td = document.createElement('td');
-    td.textContent = text;
-    if (cls) td.className = cls;
-    tr.appendChild(td);
-    return td;
-  }
-  function render(q) {
-    const hits = search(q);
-    body.replaceChildren();
-    for (const e of hits.slice(0, 2000)) {
-      const tr = document.createElement('tr');
-      tr.className = 'latent';
-      tr.dataset.key = e.key;
-      tr.dataset.id = String(e.id);
-      const a = document.createElement('a');
-      a.href = e.url;
-      a.textContent = String(e.id);
-      cell(tr, '').appendChild(a);
-      cell(tr, e.key);
-      cell(tr, fmt(100 * e.density, 3) + '%', 'num');
-      cell(tr, e.max === null ? '' : Number(e.max).toPrecision(3), 'num');
-      cell(tr, e.top.map(t => JSON.stringify(t)).join(' '));
-      cell(tr, e.explanation.join(' | '), 'pat');
-      cell(tr, fmt(e.precision, 2), 'num');
-      cell(tr, fmt(e.recall, 2), 'num');
-      body.appendChild(tr);
-    }
-    count.textContent = hits.length + ' of ' + data.latents.length + ' latents';
-  }
-  const q0 = new URLSearchParams(location.search).get('q') || '';
-  box.value = q0;
-  render(q0);
-  box.addEventListener('input', function () {
-    render(box.value);
-    try {
-      const u = new URL(location.href);
-      if (box.value) u.searchParams.set('q', box.value); else u.searchParams.delete('q');
-      history.replaceState(null, '', u);
-    } catch (err) { /* some browsers refuse replaceState on file:// URLs */ }
-  });
-  window.saehookSearch = search;
-})();
-"""
-
-
 def _esc(text) -> str:
     return html.escape(str(text), quote=True)
 
@@ -180,7 +130,7 @@ def _json_for_script(obj) -> str:
 def _page(title: str, body: str, script: str = "") -> str:
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>{_esc(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n{script}</body></html>\n")
+            f"<title>{_esc(title)}</title><style>{CSS}{EXTRA_CSS}</style></head>\n<body>\n{body}\n{script}</body></html>\n")
 
 
 def _num(x, fmt="{:.3f}") -> str:
@@ -267,7 +217,9 @@ def build_dashboard(run_or_saes, out_dir: str | os.PathLike, model, tokenizer, s
                     latents: Sequence[int] | Mapping[Key, Sequence[int]] | None = None, n_examples: int = 20,
                     context: tuple[int, int] = (16, 4), n_logits: int = 10, batch_size: int = 8,
                     skip_positions: int = 1, seed: int = 0, explain_kwargs: dict | None = None,
-                    evaluation: EvalReport | str | os.PathLike | None = None, progress: bool = False) -> Path:
+                    evaluation: EvalReport | str | os.PathLike | None = None, progress: bool = False,
+                    labels: str | os.PathLike | tuple[Sequence, Sequence] | None = None, per_label: int = 20,
+                    n_sample: int = 24) -> Path:
     """Write a static HTML dashboard of autoencoder latents to ``out_dir``; returns ``out_dir/index.html``.
 
     Args:
@@ -288,6 +240,18 @@ def build_dashboard(run_or_saes, out_dir: str | os.PathLike, model, tokenizer, s
             ``report.json`` (``saehook eval`` writes one): the index then shows FVU, FVU on standardised
             channels, the median relative error, the top channel's variance share, the delta LM loss beside
             the random-error control's, and the report's warnings. Matched by hookpoint.
+        progress: a tqdm bar (stderr) for every long phase: collecting examples, sampling the activation
+            quantiles, the labelled text, explaining (re-runs, then scoring), writing the latent data.
+        labels: labelled text for per-label firing rates and each latent's top label and specificity
+            (:func:`saehook.features.find_by_labels`): ``"bbc"``, a labelled ``.jsonl``
+            (:func:`saehook.features.labelled_texts`, ``per_label`` documents per label), or ``(texts, labels)``.
+        n_sample: firings of each latent sampled uniformly for its histogram page's quantile examples
+            (:func:`saehook.latent_sample.sample_activations`; one more pass over the ``tokens``).
+
+    Every latent gets a row in the index (sortable; searchable by id, token, label and, over the top examples'
+    contexts, by phrase) and a page (``latent.html?h=<hookpoint dir>&id=<j>``, its data loaded on demand
+    from ``data/<hookpoint dir>/chunk-<c>.js``); the ``n_latents_shown`` sample also gets a static page with
+    its logit effects and N2G explanation.
     """
     from .explain import explain
     from .plots import plot_density
@@ -310,6 +274,26 @@ def build_dashboard(run_or_saes, out_dir: str | os.PathLike, model, tokenizer, s
     exs = top_examples(model, saes, first, tokens=tokens, n_examples=n_examples, context=context,
                        batch_size=batch_size, skip_positions=skip_positions, progress=progress)
     timings["examples_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    maxima = {}
+    for key, ex in exs.items():
+        maxima[key] = torch.zeros(ex.n_latents)
+        maxima[key][ex.latents] = ex.values[:, 0]
+    samples = sample_activations(model, saes, first, maxima, n_sample=n_sample, seed=seed,
+                                 skip_positions=skip_positions, progress=progress, total=n1)
+    timings["quantiles_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tables: dict = {}
+    labels_source = None
+    if labels is not None:
+        from .features import find_by_labels, labelled_texts
+
+        texts, labs = (labels if isinstance(labels, tuple)
+                       else labelled_texts(labels, per_label=per_label, seed=seed))
+        labels_source = "given texts" if isinstance(labels, tuple) else f"{labels}, {per_label} documents per label"
+        tables = find_by_labels(model, saes, texts, labs, tokenizer=tokenizer, batch_size=batch_size,
+                                skip_positions=skip_positions, progress=progress)
+    timings["labels_s"] = time.perf_counter() - t0
     rng = random.Random(seed)
     shown: dict = {}
     explained: dict = {}
@@ -332,10 +316,19 @@ def build_dashboard(run_or_saes, out_dir: str | os.PathLike, model, tokenizer, s
                              **(explain_kwargs or {}))
     timings["explain_s"] = time.perf_counter() - t0
     dec = _Decoder(tokenizer)
-    index, summary = [], {}
+    index, summary, meta = [], {}, {}
     t0 = time.perf_counter()
+    sep = token_separator(tokenizer, next((e["tokens"] for ex in exs.values() for j in ex.latents.tolist()[:50]
+                                           for e in ex.examples(j) if len(e["tokens"]) > 1), []))
+    used: set = set()
+    bar = tqdm(total=sum(len(ex.latents) for ex in exs.values()), unit="latent", disable=not progress,
+               desc="saehook dashboard: writing latent data")
     for key, ex in exs.items():
         name = hookpoint_dirname(str(key))
+        rows, lab = contexts(first), label_arrays(tables.get(key))
+        per_latent = details(ex, samples[key], rows, lab, progress=bar)
+        used |= used_ids(per_latent)
+        all_rows = {r["id"]: r for r in index_rows(key, name, ex, tables.get(key), dec)}
         (out / name).mkdir(parents=True, exist_ok=True)
         plot_density(ex.density, out / name / "density.png", title=f"latent density at {key} ({ex.n_tokens} tokens)")
         try:
@@ -354,28 +347,34 @@ def build_dashboard(run_or_saes, out_dir: str | os.PathLike, model, tokenizer, s
             page = _latent_page(key, lat, ex, expl, effects.get(lat), dec, prev_next, ex.n_tokens,
                                 report.settings if report is not None else {})
             (out / url).write_text(page, encoding="utf-8")
-            r = ex.row(lat)
-            acts_tok = [int(t) for t, v in zip(ex.tokens[r, :, ex.left].tolist(), ex.values[r].tolist()) if v > 0]
-            top = [dec(t) for t, _ in Counter(acts_tok).most_common(5)]
             pats = expl.pattern_texts(tokenizer)[:5] if expl is not None else []
             clean = (lambda v: v if v is not None and math.isfinite(v) else None)  # noqa: E731
-            index.append({"key": str(key), "id": lat, "url": url, "density": float(ex.density[lat]),
-                          "max": ex.max_activation(lat), "top": top, "explanation": pats,
-                          "precision": clean(expl.precision) if expl else None,
-                          "recall": clean(expl.recall) if expl else None,
-                          "text": " ".join([str(key), *top, *pats]).lower()})
+            row = all_rows[lat]
+            row.update(explanation=pats, precision=clean(expl.precision) if expl else None,
+                       recall=clean(expl.recall) if expl else None, text=" ".join([row["text"], *pats]).lower())
+            per_latent[lat]["page"] = url
+            if expl is not None:
+                per_latent[lat]["explanation"] = {"precision": _num(expl.precision), "recall": _num(expl.recall),
+                                                  "patterns": pats}
+        index.extend(all_rows.values())
+        chunks = write_chunks(out, name, per_latent)
+        meta[name] = {"key": str(key), "dir": name, "chunks": chunks, "tokens": ex.n_tokens,
+                      "labels_source": labels_source}
         dead = float((ex.density == 0).float().mean())
         summary[str(key)] = {"dir": name, "tokens": ex.n_tokens, "score_tokens": n2, "n_latents": ex.n_latents,
                              "dead_frac": dead, "shown": len(lats), "explained": len(exps),
                              "explainability": report.summary(key) if report is not None else None,
                              "reconstruction": _reconstruction(evaluation, model, key)}
+    bar.close()
+    write_vocab(out, used, dec, sep)
+    (out / "latent.html").write_text(_viewer_page(meta), encoding="utf-8")
     timings["pages_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     settings = {"tokens": tokens, "score_tokens": score_tokens, "n_examples": n_examples, "context": list(context),
                 "skip_positions": skip_positions, "seed": seed, "explain": report.settings if report else None}
     (out / "summary.json").write_text(json.dumps({"hookpoints": summary, "settings": settings, "timings": timings},
                                                  indent=2, default=_json_default))
-    (out / "index.html").write_text(_index_page(summary, index, report), encoding="utf-8")
+    (out / "index.html").write_text(_index_page(summary, index, report, meta), encoding="utf-8")
     return out / "index.html"
 
 
@@ -408,7 +407,15 @@ def _json_default(v):
     return str(v)
 
 
-def _index_page(summary: dict, index: list, report) -> str:
+def _viewer_page(meta: dict) -> str:
+    """``latent.html``: renders the latent named by ``?h=<hookpoint dir>&id=<j>`` from its data file."""
+    meta_json = _json_for_script({"hookpoints": meta, "chunk": CHUNK})
+    data = f'<script id="meta" type="application/json">{meta_json}</script>\n'
+    return _page("saehook latent", "<div id='main'></div><noscript><p>This page needs JavaScript.</p></noscript>",
+                 data + f"<script>{LOADER_JS}</script>\n<script>{LATENT_JS}</script>\n")
+
+
+def _index_page(summary: dict, index: list, report, meta: dict) -> str:
     rows = []
     for key, s in summary.items():
         e = s["explainability"] or {}
@@ -437,11 +444,18 @@ def _index_page(summary: dict, index: list, report) -> str:
             + (f"<p class='muted'>Mean N2G precision / recall over the explained latents, on held-out text; fires = "
                f"activation &gt; {ff:g} &times; the latent's max.</p>" if ff is not None else "")
             + recon_html + f"<div class='cols'>{imgs}</div>"
-            "<h2>Latents</h2><p><input id='q' type='search' placeholder='latent id (#123), token or explanation' "
-            "autofocus> <span id='count' class='muted'></span></p>"
-            "<table id='results'><thead><tr><th>latent</th><th>hookpoint</th><th>density</th><th>max</th>"
-            "<th>top activating tokens</th><th>explanation</th><th>P</th><th>R</th></tr></thead>"
-            "<tbody id='rows'></tbody></table>"
+            "<h2>Latents</h2><p><input id='q' type='search' placeholder='filter: latent id (#123), token, label or "
+            "explanation' autofocus></p><form id='phrase-form'><input id='phrase' type='search' "
+            "placeholder='phrase in the top contexts, e.g. prime minister'> <button>search contexts</button></form>"
+            "<p class='muted'>Click a column to sort. The phrase search loads every latent's top examples and keeps "
+            "those whose activating token is part of the phrase (saehook.features.search_contexts), ranked by the "
+            "fraction of examples that match. <span id='count'></span></p>"
+            "<table id='results'><thead><tr><th data-sort='id'>latent</th><th data-sort='key'>hookpoint</th>"
+            "<th data-sort='density'>firing rate</th><th data-sort='mean'>mean act.</th><th data-sort='max'>max</th>"
+            "<th data-sort='top_label'>top label</th><th data-sort='specificity'>specificity</th>"
+            "<th>top activating tokens</th><th data-sort='match'>explanation / phrase match</th></tr></thead>"
+            "<tbody id='rows'></tbody></table><button id='more' hidden>show 200 more</button>"
             "<noscript><p>The search and the list need JavaScript.</p></noscript>")
-    data = f'<script id="latent-index" type="application/json">{_json_for_script({"latents": index})}</script>\n'
-    return _page("saehook dashboard", body, data + f"<script>{SEARCH_JS}</script>\n")
+    index_json = _json_for_script({"latents": index, "hookpoints": meta, "chunk": CHUNK})
+    data = f'<script id="latent-index" type="application/json">{index_json}</script>\n'
+    return _page("saehook dashboard", body, data + f"<script>{LOADER_JS}</script>\n<script>{INDEX_JS}</script>\n")
