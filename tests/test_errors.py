@@ -136,6 +136,7 @@ def test_cli_process_exit_codes_and_verbose(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith(f"saehook: error: {tmp_path / 'nothing'} does not exist: give")
     assert r.stderr.count("\n") == 1
     r = subprocess.run([*cmd, "-v"], capture_output=True, text=True, env=env)
-    assert r.returncode == 2 and "Traceback" in r.stderr and r.stderr.rstrip().endswith("autoencoder folder (e.g. runs/demo/model.layers.20)")
+    assert r.returncode == 2 and "Traceback" in r.stderr
+    assert r.stderr.rstrip().endswith("autoencoder folder (e.g. runs/demo/model.layers.20)")
     r = subprocess.run([sys.executable, "-m", "saehook", "train", "--tokens", "lots"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "like 8192, 500k or 2M" in r.stderr
