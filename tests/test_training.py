@@ -336,7 +336,8 @@ def test_lr_schedule_and_budget_aware_batch():
 
 
 @pytest.mark.parametrize("kw", [dict(lr_schedule="cosine", warmup_fraction=0.1),
-                                dict(batch_tokens=None, lr_scale=2.0, decay_fraction=0.5, checkpoint_every=2)])
+                                dict(batch_tokens=None, lr_scale=2.0, decay_fraction=0.5, checkpoint_every=2,
+                                     dead_firings=5.0)])
 def test_new_options_round_trip_through_checkpoint_and_resume(tmp_path, kw):
     cfg = small_cfg(**{"checkpoint_every": 7, **kw})
     full = train_tiny(tmp_path / "a", source(60), cfg)
