@@ -55,6 +55,7 @@ A folder that is not empty is refused unless --resume or --overwrite."""
 DEMO_EPILOG = """examples:
   saehook demo                        # trains into runs/demo (runs/demo-2, ... if it holds a run), then shows it
   saehook demo --tokens 200k          # a quicker, rougher autoencoder
+  saehook demo --steer-label tech --steer-multiple 6   # steer the top tech latent at 6 x its typical activation
   saehook demo --out runs/demo --resume   # finish an interrupted demo"""
 
 EVAL_EPILOG = """examples:
@@ -178,36 +179,34 @@ def run_train(args) -> dict:
 
 
 def run_demo(args) -> None:
-    """The main job: train on the embedded model and corpus, then show the autoencoder at work."""
+    """The main job, in three phases: train on the embedded model and corpus, evaluate on held-out text, then
+    find the latent most specific to one topic (``--steer-label``) and steer a neutral prompt with it."""
     import saehook
+    from saehook.demo import DEMO_PER_LABEL, find_and_steer
+    from saehook.features import labelled_texts
     from saehook.runs import next_free
     from saehook.training import SMOOTH_STEPS
 
+    # the labelled documents first: a label that is not there fails before any training
+    texts, labels = labelled_texts(args.steer_texts, per_label=DEMO_PER_LABEL, seed=args.seed)
+    if args.steer_label not in set(labels):
+        raise ValueError(f"--steer-label {args.steer_label!r} is not a label of {args.steer_texts} "
+                         f"({', '.join(sorted(set(labels)))}); pass one of those")
     if args.out is None:  # a second demo keeps the first: runs/demo-2, ... (--resume / --overwrite: runs/demo)
         base = Path("runs/demo")
         fresh = args.resume or args.overwrite or not base.exists() or not any(base.iterdir())
         args.out = str(base if fresh else next_free(base))
         print(f"run folder: {args.out}")
+    t_all = time.perf_counter()
+    print("\n== demo 1/3: training ==")
     res = run_train(args)
     model, tok, saes = res["model"], res["tokenizer"], res["saes"]
     key = next(iter(saes))
     sae = saes[key]
-    prompt = "The football match ended with a late goal, and the manager said"
-    enc = tok(prompt, return_tensors="pt")
-    with saehook.attach(model, {key: sae}) as hooked:
-        model(**enc)
-        codes = hooked.latents[key]
-        top = codes.indices[0, 1:].flatten().bincount(minlength=sae.n_latents).argmax().item()
-        print(f"\nlatent {top} fires most often on: {prompt!r}")
-        clean = model.generate(**enc, max_new_tokens=20, do_sample=False)
-        value = float(codes.values[0, 1:].max()) * 4
-        with hooked.steer({key: {top: value}}, positions="generated"):
-            steered = model.generate(**enc, max_new_tokens=20, do_sample=False)
-        new = enc["input_ids"].shape[1]
-        print(f"greedy continuation:            {tok.decode(clean[0, new:], skip_special_tokens=True)!r}")
-        print(f"steered (+{value:.1f} x latent {top}): {tok.decode(steered[0, new:], skip_special_tokens=True)!r}")
-    print(f"\nevaluating on {args.eval_tokens:,} held-out tokens (the corpus's test split)...")
-    report = saehook.evaluate(model, {key: sae}, res["corpus"], tokens=args.eval_tokens, batch_size=8)
+    print(f"\n== demo 2/3: held-out evaluation on {args.eval_tokens:,} tokens (the corpus's test split) ==")
+    t0 = time.perf_counter()
+    report = saehook.evaluate(model, {key: sae}, res["corpus"], tokens=args.eval_tokens, batch_size=8,
+                              progress=not args.no_progress)
     print(report.table())
     path = report.save(next_free(Path(args.out) / "report.json"))
     m = report[key]
@@ -216,7 +215,13 @@ def run_demo(args) -> None:
           f"LM loss {m['clean_loss']:.3f} -> {m['spliced_loss']:.3f} with the "
           f"reconstruction spliced in ({m['delta_lm_loss']:+.3f} ± {m['delta_lm_loss_se']:.3f} nats, "
           f"{m['ce_recovered_zero']:.1%} of the "
-          f"zero-ablation loss recovered); report in {path}")
+          f"zero-ablation loss recovered); report in {path} ({time.perf_counter() - t0:.0f}s)")
+    print(f"\n== demo 3/3: find a {args.steer_label!r} latent and steer with it ==")
+    found = find_and_steer(model, tok, {key: sae}, texts, labels, label=args.steer_label,
+                           multiple=args.steer_multiple, progress=not args.no_progress, say=print)
+    print("\n".join(found.lines()))
+    print(f"\ndemo done in {time.perf_counter() - t_all:.0f}s; next: saehook find {args.out} --labels bbc, "
+          f"saehook dashboard {args.out} --out dash")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -485,12 +490,25 @@ def build_parser() -> argparse.ArgumentParser:
                              epilog=TRAIN_EPILOG, formatter_class=HelpFormatter)
     add_train_args(p_train)
     p_demo = sub.add_parser("demo", epilog=DEMO_EPILOG, formatter_class=HelpFormatter,
-                            help="the main job on the embedded model and corpus (~6 min on 2 CPU cores)",
-                            description="Train a layer-20 autoencoder on SmolLM2 over BBC News, save it, then read "
-                                        "latents, steer generation and measure the spliced LM loss.")
+                            help="the main job on the embedded model and corpus (train, evaluate, find a topic "
+                                 "latent and steer with it)",
+                            description="Train a layer-20 autoencoder on SmolLM2 over BBC News and save it, measure "
+                                        "it on held-out text (delta LM loss with its standard error), then find the "
+                                        "latent most specific to one BBC topic and print a neutral prompt's greedy "
+                                        "continuation without and with that latent steered.")
     add_train_args(p_demo, demo=True)
-    p_demo.add_argument("--eval-tokens", type=parse_count, default=parse_count("16k"),
-                        help="held-out tokens for the final evaluation")
+    p_demo.add_argument("--eval-tokens", type=parse_count, default=parse_count(EVAL_TOKENS),
+                        help="held-out tokens for the evaluation after training (about a minute; the standard "
+                             "error of delta LM loss is printed beside it)")
+    p_demo.add_argument("--steer-label", default="sports",
+                        help="the topic whose most specific latent is steered at the end (a label of --steer-texts)")
+    p_demo.add_argument("--steer-multiple", type=float, default=8.0,
+                        help="steering strength in multiples of that latent's typical activation (its mean where "
+                             "it fires on the label's text); docs/steering.md: topic words from ~6, broken grammar "
+                             "past ~12")
+    p_demo.add_argument("--steer-texts", default="bbc",
+                        help="labelled documents to find the latent in: bbc (the embedded BBC News topics) or a "
+                             ".jsonl of {\"text\": ..., \"label\": ...} lines")
     p_eval = sub.add_parser("eval", help="evaluate saved autoencoders on held-out text",
                             epilog=EVAL_EPILOG, formatter_class=HelpFormatter,
                             description="FVU, L0, dead/dense latents and the downstream loss (delta LM loss, KL, "

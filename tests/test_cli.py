@@ -73,16 +73,25 @@ def test_train_command_runs_and_resumes(local_model, tmp_path, capsys):
     assert max(x["step"] for x in lines) == again.metadata["steps"]
 
 
-def test_demo_command_trains_steers_and_evaluates(local_model, tmp_path, capsys):
+def test_demo_command_trains_evaluates_finds_and_steers(local_model, tmp_path, capsys):
     path, text = local_model
     out = tmp_path / "demo"
+    labelled = tmp_path / "labelled.jsonl"  # label "a" documents repeat w50, label "b" ones never hold it
+    g = torch.Generator().manual_seed(1)
+    docs = [(" ".join(f"w{i}" for i in torch.randint(0, 124, (30,), generator=g).tolist() if i != 50)
+             + " w50" * 10 * (lab == "a"), lab) for lab in ("a", "b") for _ in range(6)]
+    labelled.write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in docs))
     args = ["demo", "--model", str(path), "--corpus", str(text), "--layers", "1", "--latents", "64", "--k", "4",
             "--tokens", "1k", "--batch-tokens", "256", "--context", "16", "--batch-size", "4",
             "--shuffle-buffer", "0", "--dtype", "float32", "--out", str(out), "--no-progress",
-            "--eval-tokens", "64"]
+            "--eval-tokens", "64", "--steer-texts", str(labelled), "--steer-label", "a", "--steer-multiple", "7.5"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "steered (+" in printed and "held-out: fvu" in printed
+    phases = [line for line in printed.splitlines() if line.startswith("== demo ")]
+    assert [p.split()[2] for p in phases] == ["1/3:", "2/3:", "3/3:"] and "held-out: fvu" in printed
+    latent = int(printed.split("\nlatent ")[1].split()[0])
+    assert "steering at 7.5 x typical" in printed and f"steered (7.5 x latent {latent}): " in printed
+    assert "unsteered: " in printed and "the most specific to 'a' of 12 labelled documents" in printed
     report = json.loads((out / "report.json").read_text())
     entry = next(iter(report["hookpoints"].values()))
     assert 0 < entry["fvu"] < 2 and entry["tokens"] >= 64 and entry["delta_lm_loss"] is not None
