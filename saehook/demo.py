@@ -86,8 +86,8 @@ def find_and_steer(model, tokenizer, saes: Mapping[Key, TopKSAE], texts: Sequenc
 
     Args:
         saes: ``{key: TopKSAE}``; the search runs on ``saes[key]`` (``key``: default the first).
-        texts, labels: ``N`` labelled documents (:func:`saehook.features.labelled_texts`), cut to
-            ``max_tokens`` tokens each; ``label`` must be one of ``labels``.
+        texts: ``N`` documents (:func:`saehook.features.labelled_texts`), cut to ``max_tokens`` tokens each.
+        labels: their ``N`` labels; ``label`` must be one of them.
         multiple: steering strength in multiples of the latent's typical activation (its mean activation
             where it fires on ``label``'s documents); about 6-10 suits the SmolLM2 sweep of docs/steering.md.
         max_new_tokens: greedy tokens generated for each text.
