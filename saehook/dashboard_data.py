@@ -70,7 +70,8 @@ def label_arrays(table) -> tuple[list[str], list, list, list] | None:
 def details(ex: TopExamples, sample: LatentSample, rows, labels, *, groups: int = 4, per_group: int = 3,
             progress=None) -> dict[int, dict]:
     """The data of every latent page of ``ex`` (JSON-ready), ``{latent: {...}}``: ``density``, ``mean``, ``max``,
-    ``hist``, ``quantiles`` (``groups`` activation quantile groups of the sampled firings of :class:`~saehook.latent_sample.LatentSample`, ``[value, ids, index]`` per example), ``top``
+    ``hist``, ``quantiles`` (``groups`` activation quantile groups of the sampled firings of
+    :class:`~saehook.latent_sample.LatentSample`, ``[value, ids, index]`` per example), ``top``
     (``[value, ids, acts, index]`` per example: tokens outside the row dropped) and ``labels`` (``[name, rate,
     mean activation, effect]``, from :func:`label_arrays`, or None). ``progress``: a tqdm bar advanced per latent.
 

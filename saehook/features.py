@@ -309,7 +309,7 @@ def find_by_text(model, saes: Mapping[Key, TopKSAE] | TopKSAE, text: str | Seque
         raise ValueError(f"the text has {len(ids)} token(s), none after the first {skip_positions} (skipped); "
                          "type a longer text")
     out = {}
-    for batch, evaluated, _, codes in encoded_batches(model, saes, [{"input_ids": torch.tensor([ids])}],
+    for _batch, evaluated, _, codes in encoded_batches(model, saes, [{"input_ids": torch.tensor([ids])}],
                                                       skip_positions=skip_positions):
         for key, c in codes.items():
             vals, idx = c.values[0].float().cpu(), c.indices[0].cpu()  # [T, k]

@@ -208,7 +208,8 @@ def test_e2e_config_validation_and_round_trip():
     cfg = TrainConfig(e2e_fraction=0.25, e2e_loss="ce", e2e_fvu_coef=0.0)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert TrainConfig().e2e_fraction is None and TrainConfig().e2e_fraction_for(live=True) == 0.02
-    assert TrainConfig().e2e_fraction_for(live=False) == 0.0 and TrainConfig(e2e_fraction=0.0).e2e_fraction_for(True) == 0
+    assert TrainConfig().e2e_fraction_for(live=False) == 0.0
+    assert TrainConfig(e2e_fraction=0.0).e2e_fraction_for(live=True) == 0
     assert TrainConfig().e2e_loss == "kl" and TrainConfig().e2e_fvu_coef == 1
     with pytest.raises(ValueError, match="e2e_fraction must be in"):
         TrainConfig(e2e_fraction=1.5)
