@@ -110,10 +110,12 @@ def add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
                    help="language model dtype; auto = bfloat16 where the device multiplies it natively (CUDA, CPUs "
                         "with AVX512-BF16/AMX), else float32 (the autoencoders train in float32)")
     p.add_argument("--device-map", default=None, help="accelerate device map for the model, e.g. auto")
-    p.add_argument("--log-to", nargs="*", default=[], choices=["tensorboard", "wandb"])
+    p.add_argument("--log-to", nargs="*", default=[], choices=["tensorboard", "wandb"],
+                   help="also log the training metrics to these (metrics.jsonl in --out is always written)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_dataclass_args(p.add_argument_group(
-        "training recipe", "TrainConfig's fields (docs/training.md); --seed also seeds the corpus split"), TrainConfig)
+        "training recipe", "TrainConfig's fields (docs/training.md); --seed also seeds the order of the corpus's "
+        "documents and windows (the held-out split is fixed by a hash of each document)"), TrainConfig)
 
 
 def train_summary(report, names: dict, out: Path) -> str:
@@ -217,9 +219,12 @@ def run_demo(args) -> None:
           f"{m['ce_recovered_zero']:.1%} of the "
           f"zero-ablation loss recovered); report in {path} ({time.perf_counter() - t0:.0f}s)")
     print(f"\n== demo 3/3: find a {args.steer_label!r} latent and steer with it ==")
-    found = find_and_steer(model, tok, {key: sae}, texts, labels, label=args.steer_label,
-                           multiple=args.steer_multiple, progress=not args.no_progress, say=print)
-    print("\n".join(found.lines()))
+    try:
+        found = find_and_steer(model, tok, {key: sae}, texts, labels, label=args.steer_label,
+                               multiple=args.steer_multiple, progress=not args.no_progress, say=print)
+        print("\n".join(found.lines()))
+    except ValueError as e:  # the run is trained and saved; only this last step has nothing to show
+        print(f"steering skipped: {e}")
     print(f"\ndemo done in {time.perf_counter() - t_all:.0f}s; next: saehook find {args.out} --labels bbc, "
           f"saehook dashboard {args.out} --out dash")
 
@@ -335,7 +340,7 @@ def add_dashboard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="language model dtype")
-    p.add_argument("--seed", type=int, default=0, help="seed of the latents shown and of the corpus split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latents shown and of the corpus's document order")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

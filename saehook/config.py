@@ -8,8 +8,8 @@ from typing import Literal
 
 AUTO_E2E_FRACTION = 0.02
 """``e2e_fraction`` of a run through the live model when ``TrainConfig.e2e_fraction`` is None: the last 2% of
-the tokens trained on KL against the clean model (docs/quality.md: 0.204 -> 0.179 nats delta LM loss on
-SmolLM2 layer 20 at 1M tokens, 0.4% dead either way)."""
+the tokens trained on KL against the clean model (docs/quality.md: 0.207 -> 0.176 nats delta LM loss on
+SmolLM2 layer 20 at 1M tokens, 0.2-0.3% dead)."""
 
 
 @dataclass(frozen=True)
@@ -100,12 +100,13 @@ class TrainConfig:
     """Non-finite activations or loss: ``"raise"`` (error naming step and hookpoint) or ``"skip"`` (drop
     the offending rows / step and count them in the metrics)."""
     e2e_fraction: float | None = None
-    """Fraction of the run's tokens, at its end, trained end-to-end through the live model: each step
-    splices the reconstructions in and minimises ``e2e_loss`` of the model's next-token predictions
-    (:mod:`saehook.e2e`); 0 = off, 1 = the whole run. None (the default) = ``AUTO_E2E_FRACTION`` (0.02)
+    """Fraction of the run's tokens, at its end, trained end-to-end through the live model (None: 0.02 in
+    ``hooked.train`` in one process, else 0). Each such step splices the reconstructions in and minimises
+    ``e2e_loss`` of the model's next-token predictions (:mod:`saehook.e2e`); 0 = off, 1 = the whole run.
+    None (the default) = ``AUTO_E2E_FRACTION`` (0.02)
     where it can run, in ``hooked.train`` in one process, and 0 elsewhere (``SAETrainer`` on cached rows,
-    several ranks, ``hooked.training()``): on SmolLM2 at 1M tokens it took delta LM loss from 0.204 to 0.179
-    nats at about +6% wall time (docs/quality.md). Costs a full forward without early stop, a second (clean)
+    several ranks, ``hooked.training()``): on SmolLM2 at 1M tokens it took delta LM loss from 0.207 to 0.176
+    nats for about +6% wall time (docs/quality.md). Costs a full forward without early stop, a second (clean)
     forward for KL, and a backward through every layer after the hookpoint."""
     e2e_loss: Literal["kl", "ce"] = "kl"
     """End-to-end loss: ``"kl"``, the mean ``KL(p_clean || p_spliced)`` over the evaluated positions, or

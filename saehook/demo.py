@@ -95,7 +95,7 @@ def find_and_steer(model, tokenizer, saes: Mapping[Key, TopKSAE], texts: Sequenc
 
     Cost: one forward per ``batch_size`` documents up to the hookpoint, then two greedy generations.
     Raises ``ValueError`` for a ``label`` absent from ``labels`` (before any forward pass), ``KeyError`` for a
-    ``key`` not in ``saes``, and ``ValueError`` when the top latent never fired on the label's tokens.
+    ``key`` not in ``saes``, and ``ValueError`` when no latent fired on the label's tokens.
     """
     say = say or log.info
     if not math.isfinite(multiple):
@@ -111,7 +111,12 @@ def find_and_steer(model, tokenizer, saes: Mapping[Key, TopKSAE], texts: Sequenc
     t0 = time.perf_counter()
     table = find_by_labels(model, {key: saes[key]}, texts, labels, tokenizer=tokenizer, max_tokens=max_tokens,
                            batch_size=batch_size, progress=progress)[key]
-    found = table.top(str(label), 1)[0]
+    # the most specific latent that fired on the label's tokens (one that never fired has no typical activation)
+    fired = [r for r in table.top(str(label), table.effect.shape[-1]) if r.rate_in > 0]
+    if not fired:
+        raise ValueError(f"no latent of {key!r} fired on the {label!r} documents, so none can be steered by its "
+                         "typical activation; train longer or pass more documents")
+    found = fired[0]
     typical = table.mean_activation[table.labels.index(str(label))]
     value = steering_values({key: {found.latent: multiple}}, {key: typical})[key][found.latent]
     find_seconds = time.perf_counter() - t0
