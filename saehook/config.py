@@ -82,7 +82,9 @@ class TrainConfig:
     """Leading positions of every window excluded from training and statistics (BOS / first token, whose
     residual norm is 10-100x the rest)."""
     shuffle_buffer: int = 65536
-    """Rows mixed across windows before they form batches (consecutive tokens are correlated)."""
+    """Rows mixed across windows before they form batches (consecutive tokens are correlated); at most a
+    quarter of the run's tokens when its length is known, so a short run does not read more text to fill the
+    buffer than it trains on (20k tokens: 5,000 rows, not 65,536)."""
     seed: int = 0
     """Seed of the activation shuffling."""
     checkpoint_every: int = 500

@@ -58,6 +58,10 @@ class TrainingSession:
         per_rank = batch // world if dist and shard == "data" else batch
         if per_rank < 1:
             raise ValueError(f"batch_tokens={batch} is smaller than the {world} ranks")
+        # a quarter of the run at most (this rank's share of it): filling the buffer reads text nobody trains on
+        capacity = config.shuffle_buffer
+        if total_tokens:
+            capacity = min(capacity, total_tokens // (4 * world if dist and shard == "data" else 4))
         self.trainers: dict = {}
         self.buffers: dict = {}
         for i, (key, sae) in enumerate(hooked.saes.items()):
@@ -65,7 +69,7 @@ class TrainingSession:
                 continue
             self.trainers[key] = SAETrainer(sae, config, total_tokens=total_tokens, name=str(hooked.hookpoints[key]),
                                             dist=dist if shard == "data" else None)
-            self.buffers[key] = ShuffleBuffer(sae.d_in, per_rank, config.shuffle_buffer,
+            self.buffers[key] = ShuffleBuffer(sae.d_in, per_rank, capacity,
                                               seed=config.seed + i + 7919 * rank, device=sae.W_enc.device)
         self.seen: set = set()
         self.last: dict = {}

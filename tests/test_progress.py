@@ -35,7 +35,7 @@ def run(capsys, caplog, cfg, tokens, batches):
 
 def test_phases_in_order(capsys, caplog):
     cfg = TrainConfig(batch_tokens=128, shuffle_buffer=1000, init_samples=512, e2e_fraction=0.25, log_every=1)
-    err, logged = run(capsys, caplog, cfg, 128 * 24, source(60))
+    err, logged = run(capsys, caplog, cfg, 128 * 32, source(60))  # a quarter of 4,096 leaves the 1,000-row buffer
     assert [m.split("phase: ")[1].split(" (")[0] for m in logged] == PHASES
     # the bar's description shows each phase, in the same order, with the fill counted in rows
     first = [err.find(f"saehook train: {p}") for p in dict.fromkeys(PHASES)]
@@ -52,7 +52,7 @@ def test_eta_not_from_buffer_fill(capsys, caplog):
     time (elapsed = wall time) and the first step's ETA was extrapolated from it."""
     cfg = TrainConfig(batch_tokens=128, shuffle_buffer=1000, init_samples=512, log_every=1)
     t0 = time.perf_counter()
-    err, _ = run(capsys, caplog, cfg, 128 * 24, slow_fill(5, 2.0))
+    err, _ = run(capsys, caplog, cfg, 128 * 32, slow_fill(5, 2.0))
     wall = time.perf_counter() - t0
     lines = err.replace("\r", "\n").strip().splitlines()
     m = re.search(r"\[(\d+):(\d+)<[^,]*, ([\d.]+)(k?)tok/s", lines[-1])

@@ -438,3 +438,19 @@ def test_activation_checkpointing_does_not_feed_twice():
     with saehook.attach(model, {1: TopKSAE(32, 64, 4)}) as hooked, hooked.training(cfg) as session:
         model(ids, labels=ids).loss.backward()
     assert len(_fed_rows(session)) == 2 * 7
+
+
+def test_short_run_reads_no_more_text_than_a_quarter_of_it_to_fill_the_buffer():
+    """The shuffle buffer is capped at a quarter of a run of known length: `saehook train --tokens 20k` read
+    66,048 rows (the 65,536-row default buffer and a batch) before its first step."""
+    from saehook.session import TrainingSession
+
+    with saehook.attach(tiny_model("llama"), {1: TopKSAE(32, 64, 4)}) as hooked:
+        short = TrainingSession(hooked, TrainConfig(), total_tokens=20_000)
+        long = TrainingSession(hooked, TrainConfig(), total_tokens=10**7)
+        unknown = TrainingSession(hooked, TrainConfig(), total_tokens=None)
+        assert short.buffers[1].capacity == 5_000
+        assert long.buffers[1].capacity == unknown.buffers[1].capacity == 65_536
+        # the first step waits for max(buffer + batch, init rows) = max(5,512, 20,000): no row past the run
+        assert short.fill_status() == (0, 20_000)
+        assert long.fill_status() == (0, 65_536 + long.trainers[1].batch_tokens)
