@@ -73,9 +73,9 @@ def _guard(fn, *args, **kwargs):
                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
 
 
-def all_reduce(t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
-    """In-place all-reduce of ``t`` (moved to the group's device for the call)."""
-    _guard(dist.all_reduce, t, op=op)
+def all_reduce(t: Tensor, op=dist.ReduceOp.SUM, group=None) -> Tensor:
+    """In-place all-reduce of ``t`` over ``group`` (default: every rank)."""
+    _guard(dist.all_reduce, t, op=op, group=group)
     return t
 
 
@@ -84,22 +84,23 @@ def barrier() -> None:
     _guard(dist.barrier)
 
 
-def _padded(x: Tensor) -> tuple[Tensor, list[int]]:
+def _padded(x: Tensor, group=None) -> tuple[Tensor, list[int]]:
     """Every rank's row count, and ``x`` zero-padded to the largest (collectives need equal shapes)."""
     n = torch.tensor([len(x)], dtype=torch.long, device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    _guard(dist.all_gather, sizes, n)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size(group))]
+    _guard(dist.all_gather, sizes, n, group=group)
     counts = [int(s.item()) for s in sizes]
     padded = torch.zeros(max(counts), *x.shape[1:], dtype=x.dtype, device=x.device)
     padded[: len(x)] = x
     return padded, counts
 
 
-def all_gather_rows(x: Tensor) -> Tensor:
-    """Concatenate every rank's rows ``x [m_r, d]`` in rank order (the m_r may differ)."""
-    padded, counts = _padded(x)
+def all_gather_rows(x: Tensor, group=None) -> Tensor:
+    """Concatenate the rows ``x [m_r, d]`` of every rank of ``group`` (default: all) in rank order (the m_r may
+    differ)."""
+    padded, counts = _padded(x, group)
     parts = [torch.empty_like(padded) for _ in counts]
-    _guard(dist.all_gather, parts, padded)
+    _guard(dist.all_gather, parts, padded, group=group)
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
@@ -112,14 +113,14 @@ def gather_rows(x: Tensor, dst: int) -> Tensor | None:
     return torch.cat([p[:c] for p, c in zip(parts, counts)]) if mine else None
 
 
-def global_variance(x: Tensor) -> Tensor:
-    """``sum_i ||x_i - mean||^2`` over the rows of every rank, with the global mean (differentiable in the
-    local rows: the gradient of the local share)."""
+def global_variance(x: Tensor, group=None) -> Tensor:
+    """``sum_i ||x_i - mean||^2`` over the rows of every rank of ``group`` (default: all), with the global mean
+    (a constant: no gradient flows through the denominator)."""
     x = x.reshape(-1, x.shape[-1])
     stats = torch.cat([x.sum(0).detach(), torch.tensor([float(len(x))], dtype=x.dtype, device=x.device)])
-    all_reduce(stats)
+    all_reduce(stats, group=group)
     mean = stats[:-1] / stats[-1]
     local = (x - mean).pow(2).sum()
     total = local.detach().clone()
-    all_reduce(total)
+    all_reduce(total, group=group)
     return total

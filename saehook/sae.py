@@ -97,6 +97,35 @@ def fvu(x: Tensor, x_hat: Tensor, variance: Tensor | None = None) -> Tensor:
     return err / var.clamp_min(torch.finfo(var.dtype).tiny)
 
 
+def shard_weights_name(shard: int, shards: int | str) -> str:
+    """``sae.shard-<s>-of-<S>.safetensors``: the file of shard ``s``'s weights in a sharded save."""
+    return f"sae.shard-{shard}-of-{shards}.safetensors"
+
+
+def read_sharded_weights(path: Path, cfg: dict) -> dict[str, Tensor]:
+    """The whole autoencoder's tensors from the ``latent_shards`` files of a sharded save: ``W_enc``, ``b_enc``,
+    ``W_dec`` concatenated in shard order, ``b_dec`` and ``input_scale`` from shard 0. Raises ``SAEConfigError``
+    naming a missing or unreadable shard."""
+    S = cfg["latent_shards"]
+    if isinstance(S, bool) or not isinstance(S, int) or S < 1:
+        raise SAEConfigError(f"{path / CFG_NAME} has latent_shards={S!r}; expected a positive integer")
+    parts = []
+    for s in range(S):
+        f = path / shard_weights_name(s, S)
+        if not f.is_file():
+            raise SAEConfigError(f"{f} is missing: a save split over {S} shards needs every "
+                                 f"{shard_weights_name(0, S).replace('-0-', '-<s>-')}; found "
+                                 f"{sorted(p.name for p in path.iterdir())}")
+        try:
+            parts.append(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise SAEConfigError(f"{f} is unreadable or truncated ({e})") from None
+    out = dict(parts[0])
+    for name in ("W_enc", "b_enc", "W_dec"):
+        out[name] = torch.cat([p[name] for p in parts])
+    return out
+
+
 class TopKSAE(nn.Module):
     """A TopK sparse autoencoder with tied (parallel) initialisation.
 
@@ -379,6 +408,8 @@ class TopKSAE(nn.Module):
         """Load a directory written by :meth:`save`, validating the config and every tensor shape."""
         path = atomic.committed(path)
         cfg_file, w_file = path / CFG_NAME, path / WEIGHTS_NAME
+        if not w_file.is_file() and path.is_dir():  # a save split by latents (saehook.latent_shard): shard 0's file
+            w_file = next(iter(sorted(path.glob(shard_weights_name(0, "*")))), w_file)
         for f in (cfg_file, w_file):
             if not f.is_file():
                 found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "no such directory"
@@ -394,7 +425,7 @@ class TopKSAE(nn.Module):
             raise SAEConfigError(f"{cfg_file} has format {cfg.get('format', FORMAT)!r}, expected {cls.format_name!r} "
                                  f"for {cls.__name__}; saehook.formats.load reads either")
         try:
-            tensors = load_file(w_file)
+            tensors = read_sharded_weights(path, cfg) if "latent_shards" in cfg else load_file(w_file)
         except (SafetensorError, OSError) as e:
             raise SAEConfigError(f"{w_file} is unreadable or truncated ({e})") from None
         file_dtype = getattr(torch, cfg.get("dtype", "float32"), torch.float32)

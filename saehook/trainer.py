@@ -101,11 +101,7 @@ class SAETrainer:
         :attr:`init_rows` rows; a first :meth:`step` without it calls it on that step's batch. Only the
         autoencoder's public methods are used (``set_input_scale_``, ``init_b_dec_``), so a subclass's own
         normalisation (e.g. :class:`~saehook.LayerNormTopKSAE`'s) is what ``b_dec`` is fitted in."""
-        sample = acts.reshape(-1, self.sae.d_in)[: self.init_rows]
-        if self.dist is not None:
-            from .distributed import all_gather_rows
-
-            sample = all_gather_rows(sample.to(self.sae.W_enc).contiguous())[: self.init_rows]
+        sample = self._init_sample(acts.reshape(-1, self.sae.d_in))
         if self.cfg.normalize in ("scalar", "channel"):  # channel: s_c = 1/std_c; b_dec takes the channel means
             self.sae.set_input_scale_(sample, mode=self.cfg.normalize)
         if self.cfg.init_b_dec != "none":
@@ -116,6 +112,16 @@ class SAETrainer:
             for n, p in self.sae.named_parameters():
                 self.ema[n].copy_(p)
         self.initialized = True
+
+    def _init_sample(self, rows: Tensor) -> Tensor:
+        """The first :attr:`init_rows` rows of the stream from this rank's ``rows``: each rank's gathered in rank
+        order under data parallelism."""
+        sample = rows[: self.init_rows]
+        if self.dist is not None:
+            from .distributed import all_gather_rows
+
+            sample = all_gather_rows(sample.to(self.sae.W_enc).contiguous())[: self.init_rows]
+        return sample
 
     @property
     def dead_mask(self) -> Tensor:
@@ -142,8 +148,23 @@ class SAETrainer:
         if fwd is None:
             return self._metrics(None)
         self.opt.zero_grad(set_to_none=True)
-        (fwd.loss * (self.dist.world if self.dist else 1)).backward()
+        (fwd.loss * self._loss_scale()).backward()
         return self.apply(fwd)
+
+    def _loss_scale(self) -> int:
+        """What the loss is multiplied by before the backward: the world size under DDP (it averages gradients,
+        the FVU's global denominator wants their sum), else 1."""
+        return self.dist.world if self.dist else 1
+
+    def _run(self, acts: Tensor, **kw) -> SAEOutput:
+        """The autoencoder's forward on this rank's rows (through DDP under data parallelism)."""
+        if self.dist is None:
+            return self.sae(acts, **kw)
+        from .distributed import global_variance  # a global FVU denominator: N ranks equal one N-times batch
+
+        if self.ddp is None:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.sae, broadcast_buffers=False)
+        return self.ddp(acts, variance_fn=global_variance, **kw)
 
     def forward(self, acts: Tensor, fvu_coef: float = 1.0) -> TrainForward | None:
         """The first half of :meth:`step`: check ``acts [N, d_in]`` (the first call initialises the
@@ -161,14 +182,7 @@ class SAETrainer:
             self.initialize(acts)
         dead = self.dead_mask if cfg.auxk else None
         kw = dict(dead_mask=dead, k_aux=self.k_aux, matmul_dtype=getattr(torch, self.matmul_dtype))
-        if self.dist is None:
-            out = sae(acts, **kw)
-        else:  # DDP averages gradients; a global FVU denominator makes N ranks equal one N-times batch
-            from .distributed import global_variance
-
-            if self.ddp is None:
-                self.ddp = torch.nn.parallel.DistributedDataParallel(sae, broadcast_buffers=False)
-            out = self.ddp(acts, variance_fn=global_variance, **kw)
+        out = self._run(acts, **kw)
         loss = fvu_coef * out.fvu
         if out.auxk_fvu is not None:
             loss = loss + cfg.auxk_coef * out.auxk_fvu
@@ -193,32 +207,50 @@ class SAETrainer:
         self.lr = self.peak_lr * cfg.lr_factor(self.step_count, self.total_steps)
         for group in self.opt.param_groups:
             group["lr"] = self.lr
+        self._reduce_grads()
         sae.remove_parallel_decoder_grad_()
         if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            self._clip_grads(cfg.grad_clip)
         self.opt.step()
         sae.unit_norm_decoder_()
         self._update_ema()
         with torch.no_grad():
-            fired = torch.zeros_like(self.tokens_since_fired)
-            active = out.codes.indices[out.codes.values > 0]
-            fired.index_add_(0, active, torch.ones_like(active))
-            n_rows, n_active = len(acts), len(active)
-            if self.dist is not None:  # every rank agrees on dead latents, tokens and the reported losses
-                from .distributed import all_reduce
-
-                counts = torch.tensor([n_rows, n_active], dtype=torch.long, device=fired.device)
-                all_reduce(fired)
-                all_reduce(counts)
-                n_rows, n_active = int(counts[0]), int(counts[1])
-                out = out._replace(**{f: all_reduce(getattr(out, f).detach().clone())
-                                      for f in ("fvu", "auxk_fvu", "multi_topk_fvu") if getattr(out, f) is not None})
-                loss = all_reduce(loss.detach().clone())
+            fired, n_rows, n_active, out, loss = self._firings(out, len(acts), loss)
             self.tokens_since_fired += n_rows
             self.tokens_since_fired[fired > 0] = 0
         self.step_count += 1
         self.tokens += n_rows
         return self._metrics(out, loss, n_active / n_rows, acts)
+
+    def _reduce_grads(self) -> None:
+        """Combine the gradients of ranks that share the parameters before the optimizer step (DDP already did)."""
+
+    def _clip_grads(self, max_norm: float) -> None:
+        """Scale the gradients to a global norm of at most ``max_norm``."""
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), max_norm)
+
+    def _firings(self, out: SAEOutput, n_rows: int, loss: Tensor):
+        """``(fired [n_latents], n_rows, n_active, out, loss)`` of a step: firings per latent and counts summed over
+        the ranks, and the losses as the whole batch's (every rank agrees on dead latents and on what it reports)."""
+        fired = torch.zeros_like(self.tokens_since_fired)
+        active = out.codes.indices[out.codes.values > 0]
+        fired.index_add_(0, active, torch.ones_like(active))
+        n_active = len(active)
+        if self.dist is not None:
+            from .distributed import all_reduce
+
+            counts = torch.tensor([n_rows, n_active], dtype=torch.long, device=fired.device)
+            all_reduce(fired)
+            all_reduce(counts)
+            n_rows, n_active = int(counts[0]), int(counts[1])
+            out = out._replace(**{f: all_reduce(getattr(out, f).detach().clone())
+                                  for f in ("fvu", "auxk_fvu", "multi_topk_fvu") if getattr(out, f) is not None})
+            loss = all_reduce(loss.detach().clone())
+        return fired, n_rows, n_active, out, loss
+
+    def dead_fraction(self) -> float:
+        """Fraction of the latents that are dead (:attr:`dead_mask`)."""
+        return float(self.dead_mask.float().mean())
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -229,7 +261,7 @@ class SAETrainer:
 
     def _metrics(self, out, loss=None, l0: float | None = None, acts: Tensor | None = None) -> dict[str, float]:
         m = {"step": float(self.step_count), "tokens": float(self.tokens), "lr": self.lr,
-             "dead_frac": float(self.dead_mask.float().mean()), "skipped": float(self.skipped)}
+             "dead_frac": self.dead_fraction(), "skipped": float(self.skipped)}
         if out is not None:
             m.update(loss=float(loss.detach()), fvu=float(out.fvu.detach()), l0=float(l0))
             if out.auxk_fvu is not None:
