@@ -435,7 +435,8 @@ class Hooked:
 
     # ------------------------------------------------------------------ training
     def train(self, source, tokens: int | str, config=None, out=None, *, resume: bool = False,
-              overwrite: bool = False, batch_size: int = 8, progress: bool = True, log_to=(), shard: str = "data"):
+              overwrite: bool = False, batch_size: int = 8, progress: bool = True, log_to=(), shard: str = "data",
+              shards: int | None = None):
         """Train every attached autoencoder online from forward passes over ``source``.
 
         ``source``: a :class:`~saehook.Corpus` (windows of ``batch_size``), an iterable of ``input_ids``
@@ -446,15 +447,17 @@ class Hooked:
         ``resume=True`` (continue from its latest checkpoint exactly) or ``overwrite=True`` (delete its run
         files first; :mod:`saehook.runs`). ``log_to``: ``("tensorboard", "wandb")``.
         Under ``torchrun`` / ``accelerate launch`` it runs on every rank: ``shard="data"`` (DDP, each rank
-        its own slice of ``source``) or ``shard="layers"`` (each rank owns some autoencoders); see
-        :mod:`saehook.distributed`. With ``config.e2e_fraction > 0`` the last part of the run is trained
-        end-to-end through the whole model, one step per batch (:mod:`saehook.e2e`; one process only).
+        its own slice of ``source``), ``shard="layers"`` (each rank owns some autoencoders) or
+        ``shard="latents"`` (each autoencoder split by its latents over ``shards`` ranks, default all; ``world =
+        replicas x shards``; :mod:`saehook.latent_shard`); see :mod:`saehook.distributed`. With
+        ``config.e2e_fraction > 0`` the last part of the run is trained end-to-end through the whole model, one
+        step per batch (:mod:`saehook.e2e`; one process only).
         Returns a :class:`~saehook.training.TrainReport` (``report[key]``: last metrics).
         """
         from .training import train
 
         return train(self, source, tokens, config, out, resume=resume, overwrite=overwrite, batch_size=batch_size,
-                     progress=progress, log_to=log_to, shard=shard)
+                     progress=progress, log_to=log_to, shard=shard, shards=shards)
 
     @contextlib.contextmanager
     def training(self, config=None, *, total_tokens: int | str | None = None):

@@ -6,6 +6,9 @@ Single process: every hookpoint is trained here. With several ranks (see :mod:`s
   (the number of ready batches is all-reduced with MIN) because DDP averages the gradients.
 - ``shard="layers"``: autoencoder i is owned by rank ``i % world``; each hookpoint's rows are gathered to
   its owner, which alone trains it.
+- ``shard="latents"``: every autoencoder is split by its latents over the ``shards`` ranks of a replica
+  (:mod:`saehook.latent_shard`); each rank runs the model on its own data, the rows are all-gathered within the
+  replica, whose ranks then train their shards on the same batches; replicas sum their gradients.
 
 Checkpoint layout (one folder per step, swapped into place by :mod:`saehook.atomic`, then ``LATEST`` switched)::
 
@@ -14,6 +17,10 @@ Checkpoint layout (one folder per step, swapped into place by :mod:`saehook.atom
     step-0000500/<hookpoint>/trainer.safetensors       Adam state, dead counters (+ EMA)
     step-0000500/<hookpoint>/trainer.json              step, tokens, ...
     step-0000500/<hookpoint>/buffer.rank<r>.safetensors  each rank's shuffle buffer and its RNG
+
+Latent sharding writes ``sae.shard-<s>-of-<S>.safetensors`` and ``trainer.shard-<s>-of-<S>.safetensors`` (the
+first replica's ranks) in place of ``sae.safetensors`` and ``trainer.safetensors``; ``TopKSAE.load`` reads the
+folder as one autoencoder.
 """
 
 from __future__ import annotations
@@ -47,30 +54,52 @@ class TrainingSession:
     """Buffers and trainers for the hookpoints of a :class:`~saehook.Hooked` that this rank trains."""
 
     def __init__(self, hooked, config: TrainConfig, *, total_tokens: int | None = None, stop_early=False,
-                 dist: D.Dist | None = None, shard: str = "data"):
-        if shard not in ("data", "layers"):
-            raise ValueError(f"shard must be 'data' or 'layers', got {shard!r}")
+                 dist: D.Dist | None = None, shard: str = "data", shards: int | None = None):
+        if shard not in ("data", "layers", "latents"):
+            raise ValueError(f"shard must be 'data', 'layers' or 'latents', got {shard!r}")
+        if shards is not None and shard != "latents":
+            raise ValueError(f"shards={shards} splits autoencoders by their latents: pass shard='latents' with it")
         self.hooked, self.cfg, self.stop_early, self.dist, self.shard = hooked, config, stop_early, dist, shard
         world, rank = (dist.world, dist.rank) if dist else (1, 0)
+        self.layout = None
+        """The replicas x shards grid under ``shard="latents"`` (:class:`saehook.latent_shard.ShardLayout`)."""
+        if shard == "latents":
+            if dist is None:
+                raise ValueError("shard='latents' splits each autoencoder over several processes: launch with "
+                                 "torchrun or accelerate launch (one process trains whole autoencoders)")
+            from .latent_shard import make_layout
+
+            self.layout = make_layout(shards, dist.device)
         self.owner = {key: (i % world if shard == "layers" else rank) for i, key in enumerate(hooked.saes)}
         self.names = {key: hookpoint_dirname(hp) for key, hp in hooked.hookpoints.items()}
         batch = config.batch_for(total_tokens)
-        per_rank = batch // world if dist and shard == "data" else batch
+        # ranks whose rows make one batch together: each reads its share (data), or all of a replica's (latents)
+        self.readers = (world if shard == "data" else self.layout.replicas if self.layout else 1) if dist else 1
+        per_rank = batch // self.readers
         if per_rank < 1:
-            raise ValueError(f"batch_tokens={batch} is smaller than the {world} ranks")
+            raise ValueError(f"batch_tokens={batch} is smaller than the {self.readers} ranks that share a batch")
         # a quarter of the run at most (this rank's share of it): filling the buffer reads text nobody trains on
         capacity = config.shuffle_buffer
         if total_tokens:
-            capacity = min(capacity, total_tokens // (4 * world if dist and shard == "data" else 4))
+            capacity = min(capacity, total_tokens // (4 * self.readers))
         self.trainers: dict = {}
         self.buffers: dict = {}
         for i, (key, sae) in enumerate(hooked.saes.items()):
             if self.owner[key] != rank:
                 continue
-            self.trainers[key] = SAETrainer(sae, config, total_tokens=total_tokens, name=str(hooked.hookpoints[key]),
-                                            dist=dist if shard == "data" else None)
-            self.buffers[key] = ShuffleBuffer(sae.d_in, per_rank, capacity,
-                                              seed=config.seed + i + 7919 * rank, device=sae.W_enc.device)
+            name = str(hooked.hookpoints[key])
+            seed = config.seed + i + 7919 * rank
+            if self.layout is not None:  # this rank's shard; the ranks of a replica hold equal buffers
+                from .latent_shard import ShardedTopKSAE
+                from .latent_trainer import ShardedTrainer
+
+                self.trainers[key] = ShardedTrainer(ShardedTopKSAE.from_full(sae, self.layout), config,
+                                                    total_tokens=total_tokens, name=name)
+                seed = config.seed + i + 7919 * self.layout.replica
+            else:
+                self.trainers[key] = SAETrainer(sae, config, total_tokens=total_tokens, name=name,
+                                                dist=dist if shard == "data" else None)
+            self.buffers[key] = ShuffleBuffer(sae.d_in, per_rank, capacity, seed=seed, device=sae.W_enc.device)
         self.seen: set = set()
         self.last: dict = {}
         self.on_step = None  # callback(key, metrics)
@@ -112,6 +141,8 @@ class TrainingSession:
             raise FloatingPointError(f"non-finite activations at step {step} for {self.hooked.hookpoints[key]}")
         if self.dist is not None and self.shard == "layers":
             rows = D.gather_rows(rows.float().contiguous(), dst=self.owner[key])
+        elif self.layout is not None and self.layout.shard_group is not None:  # the replica's rows, on all its ranks
+            rows = D.all_gather_rows(rows.float().contiguous(), group=self.layout.shard_group)
         if key in self.buffers:
             self.buffers[key].add(rows)
 
@@ -123,10 +154,9 @@ class TrainingSession:
         tr, buf = self.trainers[key], self.buffers[key]
         if tr.initialized:
             return True
-        data_parallel = self.dist is not None and self.shard == "data"
-        share = -(-tr.init_rows // self.dist.world) if data_parallel else tr.init_rows
+        share = -(-tr.init_rows // self.readers)
         ready = buf.n >= share or (flush and buf.n >= 2)
-        if data_parallel:
+        if self.lockstep:
             ready = bool(D.all_reduce(torch.tensor([int(ready)]), op=D.dist.ReduceOp.MIN))
         if ready:
             if self.on_phase:
@@ -142,8 +172,12 @@ class TrainingSession:
             return 0, 0
         key = next(iter(self.trainers))
         tr, buf = self.trainers[key], self.buffers[key]
-        share = -(-tr.init_rows // self.dist.world) if self.dist is not None and self.shard == "data" else tr.init_rows
-        return buf.n, max(buf.capacity + buf.batch, 0 if tr.initialized else share)
+        return buf.n, max(buf.capacity + buf.batch, 0 if tr.initialized else -(-tr.init_rows // self.readers))
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether every rank must take every step together (data parallel, latent sharded)."""
+        return self.dist is not None and self.shard in ("data", "latents")
 
     def drain(self, flush: bool = False) -> int:
         """Train on full batches (once the trainer is initialised from the first ``init_samples`` rows); returns
@@ -154,7 +188,7 @@ class TrainingSession:
                 if not self._initialized(key, flush):
                     continue
                 limit = None
-                if self.dist is not None and self.shard == "data":  # DDP: every rank steps equally often
+                if self.lockstep:  # summed gradients: every rank steps equally often
                     limit = int(D.all_reduce(torch.tensor([buf.ready(flush)]), op=D.dist.ReduceOp.MIN))
                 for batch in buf.batches(flush, limit):
                     self.last[key] = self.trainers[key].step(batch)
@@ -180,6 +214,19 @@ class TrainingSession:
     def _writes_sae(self, key) -> bool:
         return key in self.trainers and (self.shard == "layers" or self.dist is None or self.dist.main)
 
+    def _shard_files(self, tr) -> dict[str, bytes]:
+        """A latent shard's part of a checkpoint folder: its weights and trainer state (the first replica's ranks),
+        ``cfg.json`` and ``trainer.json`` (rank 0)."""
+        lay, files = self.layout, {}
+        if lay.replica == 0:
+            files.update(tr.sae.shard_files())
+            files[f"trainer.shard-{lay.shard}-of-{lay.shards}.safetensors"] = atomic.safetensors_bytes(
+                tr.state_tensors())
+        if lay.main:
+            files["cfg.json"] = atomic.json_bytes(tr.sae.config(), indent=2, sort_keys=True)
+            files["trainer.json"] = atomic.json_bytes(tr.state_scalars(), indent=None)
+        return files
+
     def save(self, out: Path, position: int, keep: int = 2) -> Path:
         """Write a complete checkpoint into a temporary folder, swap it into place, then point LATEST at it
         (:mod:`saehook.atomic`): a failure or a kill at any moment leaves the previous checkpoint loadable, and
@@ -199,7 +246,9 @@ class TrainingSession:
         rank = self.dist.rank if self.dist else 0
         for key, tr in self.trainers.items():
             files = {}
-            if self._writes_sae(key):
+            if self.layout is not None:
+                files.update(self._shard_files(tr))
+            elif self._writes_sae(key):
                 files.update(tr.sae.to_files())
                 files["trainer.safetensors"] = atomic.safetensors_bytes(tr.state_tensors())
                 files["trainer.json"] = atomic.json_bytes(tr.state_scalars(), indent=None)
@@ -209,6 +258,7 @@ class TrainingSession:
         if main:
             world = self.dist.world if self.dist else 1
             state = {"position": position, "world": world, "shard": self.shard, "config": self.cfg.to_dict(),
+                     "shards": self.layout.shards if self.layout else None,
                      "hookpoints": self.names and {self.names[k]: repr(k) for k in self.owner}}
             atomic.write_into(tmp, {"state.json": atomic.json_bytes(state)})
             atomic.replace_folder(tmp, root / name)
@@ -217,7 +267,9 @@ class TrainingSession:
             for p in old[: max(0, len(old) - (keep - 1))]:
                 shutil.rmtree(p, ignore_errors=True)
         for key, tr in self.trainers.items():
-            if self._writes_sae(key):
+            if self.layout is not None:
+                tr.sae.save(out / self.names[key])  # a collective: every shard writes its part
+            elif self._writes_sae(key):
                 tr.sae.save(out / self.names[key])
         sync()
         return root / name
@@ -227,14 +279,22 @@ class TrainingSession:
         ck = atomic.committed(out / "checkpoints" / (out / "checkpoints" / "LATEST").read_text().strip())
         state = json.loads((ck / "state.json").read_text())
         world, rank = (self.dist.world, self.dist.rank) if self.dist else (1, 0)
-        if state["world"] != world or state["shard"] != self.shard:
-            raise ValueError(f"checkpoint {ck} was written by {state['world']} rank(s) with shard="
-                             f"{state['shard']!r}; resume with the same (now {world}, {self.shard!r})")
+        shards = self.layout.shards if self.layout else None
+        if state["world"] != world or state["shard"] != self.shard or state.get("shards") != shards:
+            was = f"shards={state.get('shards')}, " if state.get("shards") else ""
+            now = f"shards={shards}, " if shards else ""
+            raise ValueError(f"checkpoint {ck} was written by {state['world']} rank(s) with {was}shard="
+                             f"{state['shard']!r}; resume with the same layout (now {world} rank(s) with {now}"
+                             f"shard={self.shard!r})")
         for key, tr in self.trainers.items():
             d = ck / self.names[key]
             if not (d / "trainer.json").is_file():
                 raise ValueError(f"checkpoint {ck} has no state for {self.names[key]}; "
                                  f"it has {sorted(p.name for p in ck.iterdir() if p.is_dir())}")
+            if self.layout is not None:
+                self._load_shard(d, tr)
+                self.buffers[key].load_state(load_file(str(d / f"buffer.rank{rank}.safetensors")))
+                continue
             saved = type(tr.sae).load(d, device=tr.sae.W_enc.device)
             shape = (tr.sae.d_in, tr.sae.n_latents, tr.sae.k)
             if (saved.d_in, saved.n_latents, saved.k) != shape:
@@ -246,3 +306,30 @@ class TrainingSession:
             self.buffers[key].load_state(load_file(str(d / f"buffer.rank{rank}.safetensors")))
         log.info("resumed from %s at data position %d", ck, state["position"])
         return state["position"]
+
+    def _load_shard(self, d: Path, tr) -> None:
+        """Restore a latent shard's weights and trainer state from checkpoint folder ``d`` (same layout)."""
+        from .sae import shard_weights_name
+
+        s, S = self.layout.shard, self.layout.shards
+        cfg = json.loads((d / "cfg.json").read_text())
+        shape = (cfg["d_in"], cfg["n_latents"], cfg["k"])
+        if shape != (tr.sae.d_in, tr.sae.n_latents, tr.sae.k):
+            raise ValueError(f"checkpoint autoencoder in {d} has shape (d_in, n_latents, k) = {shape}, the attached "
+                             f"one {(tr.sae.d_in, tr.sae.n_latents, tr.sae.k)}")
+        tr.sae.local.load_state_dict(load_file(str(d / shard_weights_name(s, S))))
+        tr.sae.metadata = dict(cfg.get("metadata", {}))
+        tr.load_state(load_file(str(d / f"trainer.shard-{s}-of-{S}.safetensors")),
+                      json.loads((d / "trainer.json").read_text()))
+
+    @torch.no_grad()
+    def sync_attached(self) -> None:
+        """Latent sharding: copy the trained shards back into the attached autoencoders (an all-gather of their rows
+        within each replica), so that the ``Hooked`` holds what was trained. A no-op in the other modes, which
+        train the attached autoencoders in place."""
+        if self.layout is None:
+            return
+        for key, tr in self.trainers.items():
+            whole = tr.sae.gather()
+            self.hooked.saes[key].load_state_dict(whole.state_dict())
+            self.hooked.saes[key].metadata = dict(whole.metadata)

@@ -185,7 +185,7 @@ class MetricsLogger:
 
 def train(hooked, source, tokens: int | str, config: TrainConfig | None = None, out=None, *, resume: bool = False,
           overwrite: bool = False, batch_size: int = 8, progress: bool = True, log_to: Iterable[str] = (),
-          shard: str = "data") -> TrainReport:
+          shard: str = "data", shards: int | None = None) -> TrainReport:
     """See :meth:`saehook.Hooked.train`."""
     from .progress import TrainProgress
 
@@ -205,7 +205,11 @@ def train(hooked, source, tokens: int | str, config: TrainConfig | None = None, 
     asked, cfg = cfg, replace(cfg, e2e_fraction=cfg.e2e_fraction_for(live=dist is None))
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
     main = rank == 0
-    session = TrainingSession(hooked, cfg, total_tokens=tokens, stop_early=True, dist=dist, shard=shard)
+    if shard == "latents" and dist is None:
+        raise ValueError("shard='latents' splits each autoencoder over several processes: launch with torchrun or "
+                         "accelerate launch (one process trains whole autoencoders)")
+    session = TrainingSession(hooked, cfg, total_tokens=tokens, stop_early=True, dist=dist, shard=shard,
+                              shards=shards)
     position = session.load(out) if resume else 0
     # data parallel: rank r reads batches r, r + world, ... of the stream; layer sharding likewise
     stream = islice(iter_batches(source, batch_size=batch_size, start=position), rank, None, world)
@@ -223,8 +227,9 @@ def train(hooked, source, tokens: int | str, config: TrainConfig | None = None, 
         # with "auto" fields as resolved on each autoencoder's device (this rank's trainers)
         used = {"matmul_dtype_used": {session.names[k]: tr.matmul_dtype for k, tr in session.trainers.items()},
                 "e2e_fraction_used": cfg.e2e_fraction}
-        atomic.write_file(out / "train_config.json", atomic.json_bytes({"tokens": tokens, "world": world,
-                                                                        "shard": shard, **asked.to_dict(), **used}))
+        layout = {"tokens": tokens, "world": world, "shard": shard,
+                  "shards": session.layout.shards if session.layout else None}
+        atomic.write_file(out / "train_config.json", atomic.json_bytes({**layout, **asked.to_dict(), **used}))
     if dist is not None:
         D.barrier()
     # data parallel: rank 0 logs (every rank has the same numbers); layer sharded: each rank its own layers
@@ -319,6 +324,7 @@ def train(hooked, source, tokens: int | str, config: TrainConfig | None = None, 
                 tr.sae.metadata.update(hookpoint=str(hooked.hookpoints[key]), tokens=tr.tokens, steps=tr.step_count,
                                        model=getattr(getattr(hooked.model, "config", None), "_name_or_path", None))
             session.save(out, position)
+        session.sync_attached()
     finally:
         hooked.record = was_recording
         bar.close()

@@ -18,12 +18,11 @@ WORKER = Path(__file__).parent / "scripts" / "latent_shard_worker.py"
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "SAEHOOK_DIST_TIMEOUT": "60"}
 
 
-def launch(out: Path, nproc: int, *args) -> dict:
+def launch(out: Path, nproc: int, *args) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER),
            str(out), *args]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return json.loads((out / "result.json").read_text())
 
 
 def check_equal(result: dict, out: Path, tol: float) -> None:
@@ -45,28 +44,29 @@ def check_equal(result: dict, out: Path, tol: float) -> None:
     assert cfg["latent_shards"] == result["shards"] and cfg["format"] == "saehook.topk"
 
 
-def test_two_shards_equal_one_process(tmp_path):
-    """2 ranks, 2 shards, float32 and the C kernels: losses and weights to 1e-5 over 6 steps with AuxK."""
-    r = launch(tmp_path, 2, "--shards", "2", "--dtype", "float32")
-    assert (r["world"], r["shards"]) == (2, 2)
-    check_equal(r, tmp_path, 1e-5)
-    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == [
-        "cfg.json", "sae.shard-0-of-2.safetensors", "sae.shard-1-of-2.safetensors"]
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    """One launch of 4 ranks: 4 shards of 16 latents (R = 1), then a 2 x 2 grid (2 replicas of 2 shards), each 6
+    steps with AuxK from step 3, Multi-TopK (4k = 16 candidates per shard) and global gradient clipping."""
+    out = tmp_path_factory.mktemp("four")
+    launch(out, 4, "--shards", "4", "2", "--dtype", "float32", "--multi-topk", "--grad-clip", "0.5")
+    return out
 
 
-def test_four_shards_with_multi_topk_and_clipping_equal_one_process(tmp_path):
-    """4 ranks, 4 shards of 16 latents; Multi-TopK's 4k = 16 candidates per shard, global gradient clipping."""
-    r = launch(tmp_path, 4, "--shards", "4", "--multi-topk", "--grad-clip", "0.5")
+def test_four_shards_equal_one_process(four_ranks):
+    r = json.loads((four_ranks / "S4" / "result.json").read_text())
     assert (r["world"], r["shards"]) == (4, 4)
     assert "multi_topk_fvu" in r["steps"][0]["reference"]
-    check_equal(r, tmp_path, 1e-8)  # float64: the same numbers up to summation order
+    check_equal(r, four_ranks / "S4", 1e-5)
+    assert sorted(p.name for p in (four_ranks / "S4" / "sharded").iterdir()) == [
+        "cfg.json", *(f"sae.shard-{s}-of-4.safetensors" for s in range(4))]
 
 
-def test_two_replicas_of_two_shards_equal_one_process(tmp_path):
-    """2 x 2 grid: each replica trains on half of each step's rows; summed gradients equal one process with all."""
-    r = launch(tmp_path, 4, "--shards", "2", "--grad-clip", "0.5")
+def test_two_replicas_of_two_shards_equal_one_process(four_ranks):
+    """Each replica trains on half of each step's rows; the summed gradients equal one process with all of them."""
+    r = json.loads((four_ranks / "S2" / "result.json").read_text())
     assert (r["world"], r["shards"]) == (4, 2)
-    check_equal(r, tmp_path, 1e-8)
+    check_equal(r, four_ranks / "S2", 1e-5)
 
 
 def test_sizes_that_do_not_split_are_refused():
@@ -80,3 +80,76 @@ def test_sizes_that_do_not_split_are_refused():
     assert (sae.start, sae.stop, tuple(sae.W_enc.shape)) == (16, 32, (16, 8))
     again = ShardedTopKSAE(8, 64, 4, layout, seed=3)
     assert torch.equal(sae.W_dec, again.W_dec)  # a seeded shard init is reproducible
+
+
+# ------------------------------------------------------------------ through hooked.train (tests/scripts/dist_train.py)
+TRAIN = Path(__file__).parent / "scripts" / "dist_train.py"
+
+
+def train_run(out: Path, *args, nproc=2, check=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(TRAIN),
+           str(out), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "SAEHOOK_DIST_TIMEOUT": "30"}, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def assert_close_saes(a: TopKSAE, b: TopKSAE, atol: float) -> None:
+    for name, t in b.state_dict().items():
+        torch.testing.assert_close(a.state_dict()[name], t, atol=atol, rtol=atol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def latent_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("latents")
+    train_run(root / "sharded", "--shard", "latents")  # 2 ranks, 2 shards, 8 steps of 512 rows
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, str(TRAIN), str(root / "one")], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return root
+
+
+def test_hooked_train_sharded_by_latents_equals_one_process(latent_runs):
+    """Each rank runs the model on its own batches, the two ranks' rows are gathered, each trains its half of the
+    latents: the result equals one process reading the same batches (to 1e-5)."""
+    out = latent_runs / "sharded"
+    hp = "model.layers.1"
+    assert sorted(p.name for p in (out / hp).iterdir()) == ["cfg.json", "sae.shard-0-of-2.safetensors",
+                                                            "sae.shard-1-of-2.safetensors"]
+    sharded, one = TopKSAE.load(out / hp), TopKSAE.load(latent_runs / "one" / hp)
+    assert_close_saes(sharded, one, 1e-5)
+    # both ranks' attached autoencoders hold the whole trained autoencoder afterwards
+    for rank in (0, 1):
+        assert_close_saes(TopKSAE.load(out / f"final.rank{rank}" / hp), one, 1e-5)
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert (cfg["shard"], cfg["shards"], cfg["world"]) == ("latents", 2, 2)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["tokens"] == 4096 and metrics[-1]["step"] == 8
+    assert not (out / "metrics.rank1.jsonl").exists()
+
+
+def test_latent_sharded_resume_equals_uninterrupted_and_refuses_another_layout(latent_runs, tmp_path):
+    out = tmp_path / "resumed"
+    train_run(out, "--shard", "latents", "--tokens", "2048")  # 4 steps, checkpointed at step 4
+    r = train_run(out, "--shard", "data", "--resume", check=False)
+    assert r.returncode != 0
+    assert "was written by 2 rank(s) with shards=2, shard='latents'; resume with the same layout (now 2 rank(s) " \
+           "with shard='data')" in r.stderr
+    train_run(out, "--shard", "latents", "--resume")  # on to 4096 tokens
+    assert_close_saes(TopKSAE.load(out / "model.layers.1"), TopKSAE.load(latent_runs / "sharded" / "model.layers.1"),
+                      1e-5)
+
+
+def test_dead_rank_fails_a_latent_sharded_run_fast_and_its_checkpoint_loads(tmp_path):
+    import time
+
+    out = tmp_path / "dies"
+    t = time.perf_counter()
+    r = train_run(out, "--shard", "latents", "--tokens", str(512 * 40), "--die-after", "6", check=False)
+    assert r.returncode != 0 and time.perf_counter() - t < 120
+    assert "RankFailure" in r.stderr or "another rank probably died" in r.stderr
+    latest = (out / "checkpoints" / "LATEST").read_text()
+    sae = TopKSAE.load(out / "checkpoints" / latest / "model.layers.1")  # the shards, assembled
+    assert sae.n_latents == 128 and int(latest.split("-")[1]) >= 2
