@@ -113,6 +113,13 @@ def add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     p.add_argument("--log-to", nargs="*", default=[], choices=["tensorboard", "wandb"],
                    help="also log the training metrics to these (metrics.jsonl in --out is always written)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if not demo:
+        p.add_argument("--shard", default="data", choices=["data", "layers", "latents"],
+                       help="under torchrun / accelerate launch: data (every rank trains every autoencoder on its "
+                            "own rows), layers (each rank owns some autoencoders) or latents (each autoencoder "
+                            "split by its latents over --shards ranks); docs/distributed.md")
+        p.add_argument("--shards", type=int, default=None,
+                       help="with --shard latents: ranks per autoencoder (default: all; world = replicas x shards)")
     add_dataclass_args(p.add_argument_group(
         "training recipe", "TrainConfig's fields (docs/training.md); --seed also seeds the order of the corpus's "
         "documents and windows (the held-out split is fixed by a hash of each document)"), TrainConfig)
@@ -133,6 +140,22 @@ def train_summary(report, names: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def check_layout(shard: str, shards: int | None) -> None:
+    """Refuse ``--shard`` / ``--shards`` that cannot run with the ranks this launch has (``WORLD_SIZE``), before
+    anything loads."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shards is not None and shard != "latents":
+        raise ValueError(f"--shards {shards} splits autoencoders by their latents: pass --shard latents with it")
+    if shard == "latents" and world <= 1:
+        raise ValueError("--shard latents splits each autoencoder over several processes: launch with torchrun "
+                         "--nproc_per_node N (or accelerate launch); one process trains whole autoencoders")
+    if shards is not None and (shards < 1 or world % shards):
+        raise ValueError(f"--shards {shards} must be a positive divisor of the {world} ranks (world = replicas x "
+                         "shards)")
+
+
 def run_train(args) -> dict:
     """Load model and corpus, attach fresh autoencoders, train, print a summary; returns the report."""
     import torch
@@ -144,6 +167,7 @@ def run_train(args) -> dict:
     cfg = dataclass_from_args(TrainConfig, args)  # first: a bad value fails before the model loads
     prepare_run(args.out, resume=args.resume, overwrite=args.overwrite, clear=False,
                 flags=("--out", "--resume", "--overwrite"))  # and a refused --out before it too
+    check_layout(getattr(args, "shard", "data"), getattr(args, "shards", None))  # before the model loads too
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     from .models import auto_dtype
@@ -170,7 +194,8 @@ def run_train(args) -> dict:
     with saehook.attach(model, saes) as hooked:
         report = hooked.train(corpus, tokens=args.tokens, config=cfg, out=args.out, resume=args.resume,
                               overwrite=args.overwrite, batch_size=args.batch_size, progress=not args.no_progress,
-                              log_to=args.log_to)
+                              log_to=args.log_to, shard=getattr(args, "shard", "data"),
+                              shards=getattr(args, "shards", None))
     print(f"\ntrained {report.tokens:,} tokens in {report.steps} steps, {report.seconds:.0f}s "
           f"({report.tokens_per_s:,.0f} tokens/s, forward + training)")
     used = json.loads((Path(args.out) / "train_config.json").read_text()).get("matmul_dtype_used", {})

@@ -153,3 +153,20 @@ def test_dead_rank_fails_a_latent_sharded_run_fast_and_its_checkpoint_loads(tmp_
     latest = (out / "checkpoints" / "LATEST").read_text()
     sae = TopKSAE.load(out / "checkpoints" / latest / "model.layers.1")  # the shards, assembled
     assert sae.n_latents == 128 and int(latest.split("-")[1]) >= 2
+
+
+def test_cli_refuses_a_latent_layout_the_launch_cannot_run(tmp_path, capsys, monkeypatch):
+    """One line, exit 2, before the model loads, and nothing written."""
+    from saehook.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "run"
+    assert main(["train", "--shard", "latents", "--out", str(out)]) == 2
+    assert "--shard latents splits each autoencoder over several processes: launch with torchrun" in \
+        capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["train", "--shard", "latents", "--shards", "3", "--out", str(out)]) == 2
+    assert "--shards 3 must be a positive divisor of the 4 ranks" in capsys.readouterr().err
+    assert main(["train", "--shards", "2", "--out", str(out)]) == 2
+    assert "pass --shard latents with it" in capsys.readouterr().err
+    assert not out.exists()
