@@ -120,8 +120,8 @@ class Hooked:
                 raise ValueError(f"autoencoder for {key!r} has d_in={sae.d_in}, but hookpoint {hp} has width "
                                  f"{hp.width}")
             dev = _execution_device(self.model, hp.name)
-            if dev is not None and sae.W_enc.device != dev:
-                sae.to(dev)  # moved once, here, not every forward
+            if dev is not None and sae.W_enc.device != dev and not sae.W_enc.is_meta:
+                sae.to(dev)  # moved once, here, not every forward (a meta one holds no weights: shard="latents")
             self.hookpoints[key], self.saes[key] = hp, sae
         self.latents: dict[Key, Codes] = Latents(self)
         self.record = record
@@ -308,7 +308,7 @@ class Hooked:
         if x.shape[-1] != sae.d_in:
             raise ValueError(f"autoencoder for {key!r} has d_in={sae.d_in}, but hookpoint {hp} produced "
                              f"width {x.shape[-1]} (activation shape {tuple(x.shape)})")
-        if x.device != sae.W_enc.device:
+        if x.device != sae.W_enc.device and not sae.W_enc.is_meta:  # meta: no weights to move (shard="latents")
             log.info("moving the autoencoder for %r to %s", key, x.device)
             sae.to(x.device)
         fwd = self._tokens.current
@@ -325,6 +325,10 @@ class Hooked:
             x = replaced
         if not (self.record or edits):
             return replaced
+        if sae.W_enc.is_meta:
+            raise ValueError(f"the autoencoder for {key!r} is on the meta device and holds no weights (it was attached "
+                             "for shard='latents' training): load the trained one with saehook.load(<run>/<hookpoint>) "
+                             "and attach that")
         xs = x.to(sae.W_enc.dtype)
         codes = None
         # adding a fixed vector needs no code (unless the normalisation is per row)

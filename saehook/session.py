@@ -93,13 +93,21 @@ class TrainingSession:
                 from .latent_shard import ShardedTopKSAE
                 from .latent_trainer import ShardedTrainer
 
-                self.trainers[key] = ShardedTrainer(ShardedTopKSAE.from_full(sae, self.layout), config,
-                                                    total_tokens=total_tokens, name=name)
+                if sae.W_enc.is_meta:  # no whole autoencoder on any rank: each builds its own shard, seeded
+                    shard = ShardedTopKSAE(sae.d_in, sae.n_latents, sae.k, self.layout, multi_topk=sae.multi_topk,
+                                           dtype=sae.W_enc.dtype, device=dist.device, seed=config.seed + i)
+                else:
+                    shard = ShardedTopKSAE.from_full(sae, self.layout)
+                self.trainers[key] = ShardedTrainer(shard, config, total_tokens=total_tokens, name=name)
                 seed = config.seed + i + 7919 * self.layout.replica
+            elif sae.W_enc.is_meta:
+                raise ValueError(f"the autoencoder for {name} is on the meta device (no weights): only "
+                                 "shard='latents' builds its weights itself; create it on a device to train it")
             else:
                 self.trainers[key] = SAETrainer(sae, config, total_tokens=total_tokens, name=name,
                                                 dist=dist if shard == "data" else None)
-            self.buffers[key] = ShuffleBuffer(sae.d_in, per_rank, capacity, seed=seed, device=sae.W_enc.device)
+            self.buffers[key] = ShuffleBuffer(sae.d_in, per_rank, capacity, seed=seed,
+                                              device=self.trainers[key].sae.W_enc.device)
         self.seen: set = set()
         self.last: dict = {}
         self.on_step = None  # callback(key, metrics)
@@ -325,11 +333,14 @@ class TrainingSession:
     @torch.no_grad()
     def sync_attached(self) -> None:
         """Latent sharding: copy the trained shards back into the attached autoencoders (an all-gather of their rows
-        within each replica), so that the ``Hooked`` holds what was trained. A no-op in the other modes, which
-        train the attached autoencoders in place."""
+        within each replica), so that the ``Hooked`` holds what was trained; not into one attached on the meta
+        device (too big for one rank: load it from the run folder). A no-op in the other modes, which train the
+        attached autoencoders in place."""
         if self.layout is None:
             return
         for key, tr in self.trainers.items():
+            if self.hooked.saes[key].W_enc.is_meta:  # attached without weights: the trained one is in ``out``
+                continue
             whole = tr.sae.gather()
             self.hooked.saes[key].load_state_dict(whole.state_dict())
             self.hooked.saes[key].metadata = dict(whole.metadata)

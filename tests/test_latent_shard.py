@@ -143,16 +143,20 @@ def test_latent_sharded_resume_equals_uninterrupted_and_refuses_another_layout(l
 
 
 def test_dead_rank_fails_a_latent_sharded_run_fast_and_its_checkpoint_loads(tmp_path):
+    """Also: autoencoders attached on the meta device (no rank ever holds a whole one) train, each rank building its
+    own seeded shard."""
     import time
 
     out = tmp_path / "dies"
     t = time.perf_counter()
-    r = train_run(out, "--shard", "latents", "--tokens", str(512 * 40), "--die-after", "6", check=False)
+    r = train_run(out, "--shard", "latents", "--meta", "--tokens", str(512 * 40), "--die-after", "6", check=False)
     assert r.returncode != 0 and time.perf_counter() - t < 120
     assert "RankFailure" in r.stderr or "another rank probably died" in r.stderr
     latest = (out / "checkpoints" / "LATEST").read_text()
     sae = TopKSAE.load(out / "checkpoints" / latest / "model.layers.1")  # the shards, assembled
     assert sae.n_latents == 128 and int(latest.split("-")[1]) >= 2
+    ck = json.loads((out / "checkpoints" / latest / "model.layers.1" / "trainer.json").read_text())
+    assert ck["step"] >= 2 and float(sae.input_scale) != 1.0  # trained from data, not the seeded init alone
 
 
 def test_cli_refuses_a_latent_layout_the_launch_cannot_run(tmp_path, capsys, monkeypatch):
@@ -170,3 +174,17 @@ def test_cli_refuses_a_latent_layout_the_launch_cannot_run(tmp_path, capsys, mon
     assert main(["train", "--shards", "2", "--out", str(out)]) == 2
     assert "pass --shard latents with it" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_autoencoder_attached_on_meta_says_what_to_do_when_used():
+    from conftest import tiny_model
+
+    import saehook
+
+    model = tiny_model("llama")
+    d = model.config.hidden_size
+    with saehook.attach(model, {1: TopKSAE(d, 64, 4, device="meta")}) as hooked:
+        with pytest.raises(ValueError, match="is on the meta device and holds no weights .* load the trained one"):
+            model(torch.tensor([[3, 4, 5]]))
+        with pytest.raises(ValueError, match="only shard='latents' builds its weights itself"):
+            hooked.train([torch.tensor([[3, 4, 5, 6]])], tokens=64, progress=False)

@@ -25,6 +25,7 @@ p.add_argument("--batch-tokens", type=int, default=512)
 p.add_argument("--die-after", type=int, default=0, help="rank 1 exits abruptly after this many batches")
 p.add_argument("--resume", action="store_true")
 p.add_argument("--layernorm", action="store_true", help="train LayerNormTopKSAE autoencoders")
+p.add_argument("--meta", action="store_true", help="attach autoencoders on the meta device (shard latents)")
 args = p.parse_args()
 rank = int(os.environ.get("RANK", "0"))
 
@@ -42,7 +43,7 @@ def source():
 
 torch.manual_seed(0)
 cls = saehook.LayerNormTopKSAE if args.layernorm else saehook.TopKSAE
-saes = {layer: cls(32, 128, 4) for layer in args.layers}
+saes = {layer: cls(32, 128, 4, device="meta" if args.meta else None) for layer in args.layers}
 init = {layer: sae.W_enc.clone() for layer, sae in saes.items()}
 # A constant rate: the resume test extends a shorter run, which equals the long run only when the schedule does
 # not depend on the run's length (a decaying one is re-planned from the new length on resume). The scale and
@@ -54,7 +55,10 @@ with saehook.attach(model, saes) as hooked:
                           progress=False, resume=args.resume)
     names = {k: saehook.hookpoints.hookpoint_dirname(hp) for k, hp in hooked.hookpoints.items()}
 for layer, sae in saes.items():
+    if args.meta:  # no weights here: the trained autoencoder is in args.out
+        continue
     sae.save(Path(args.out) / f"final.rank{rank}" / names[layer])
-summary = {"rank": rank, "tokens": report.tokens, "steps": report.steps, "trained": sorted(
-    names[k] for k in report.metrics), "changed": {names[k]: not torch.equal(saes[k].W_enc, init[k]) for k in saes}}
+changed = {names[k]: args.meta or not torch.equal(saes[k].W_enc, init[k]) for k in saes}
+summary = {"rank": rank, "tokens": report.tokens, "steps": report.steps,
+           "trained": sorted(names[k] for k in report.metrics), "changed": changed}
 (Path(args.out) / f"summary.rank{rank}.json").write_text(json.dumps(summary))
