@@ -60,6 +60,12 @@ def test_four_shards_equal_one_process(four_ranks):
     check_equal(r, four_ranks / "S4", 1e-5)
     assert sorted(p.name for p in (four_ranks / "S4" / "sharded").iterdir()) == [
         "cfg.json", *(f"sae.shard-{s}-of-4.safetensors" for s in range(4))]
+    import saehook  # the one entry point reads it too, and finds it in a run folder
+
+    assert saehook.formats.detect_format(four_ranks / "S4" / "sharded") == "saehook"
+    whole = saehook.load(four_ranks / "S4" / "sharded")
+    assert type(whole) is TopKSAE and whole.n_latents == 64
+    assert "sharded" in saehook.formats.find_hookpoints(four_ranks / "S4")
 
 
 def test_two_replicas_of_two_shards_equal_one_process(four_ranks):

@@ -10,7 +10,7 @@ import torch
 
 from ..atomic import committed
 from ..hookpoints import hookpoint_dirname
-from ..sae import CFG_NAME, WEIGHTS_NAME, TopKSAE
+from ..sae import CFG_NAME, WEIGHTS_NAME, TopKSAE, shard_weights_name
 from . import saelens, sparsify
 from ._common import KNOWN_FORMATS, FormatError, listing, read_json, tensor_names
 from .layernorm import LN_FORMAT, LayerNormTopKSAE
@@ -39,6 +39,8 @@ def single_format(path: str | os.PathLike) -> str | None:
         return None
     if (path / saelens.WEIGHTS).is_file():
         return "saelens"
+    if any(path.glob(shard_weights_name(0, "*"))) and "latent_shards" in read_json(path / CFG_NAME):
+        return "saehook"  # split by latents (saehook.latent_shard): TopKSAE.load assembles it
     return None
 
 
