@@ -184,6 +184,9 @@ class TopKSAE(nn.Module):
     # ------------------------------------------------------------------ the normalisation (what subclasses change)
     format_name = FORMAT
     """The ``"format"`` of this class's ``cfg.json``; :meth:`load` refuses any other."""
+    architecture = "topk"
+    """The ``"architecture"`` of this class's ``cfg.json`` (:mod:`saehook.architectures`): which dictionary variant
+    it is; :meth:`load` refuses another, :func:`saehook.load` picks the class from it."""
     per_row_scale = False
     """True for subclasses whose normalisation depends on each row (e.g. a layer norm), so that turning a
     latent-space change into activation units needs that row's code (see :meth:`unscale`)."""
@@ -237,8 +240,10 @@ class TopKSAE(nn.Module):
             from .kernels import TopKDecode
 
             out = TopKDecode.apply(vals, idx, self.W_dec)
-        else:
-            out = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
+        else:  # the op saehook::decode: embedding_bag on CPU, a Triton kernel on CUDA
+            from .ops import decode
+
+            out = decode(vals, idx, self.W_dec)
         out = out.reshape(*shape[:-1], self.d_in)
         return out + self.b_dec if bias else out
 
@@ -375,6 +380,7 @@ class TopKSAE(nn.Module):
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "architecture": self.architecture,
             "d_in": self.d_in,
             "n_latents": self.n_latents,
             "k": self.k,
@@ -424,6 +430,10 @@ class TopKSAE(nn.Module):
         if cfg.get("format", FORMAT) != cls.format_name:
             raise SAEConfigError(f"{cfg_file} has format {cfg.get('format', FORMAT)!r}, expected {cls.format_name!r} "
                                  f"for {cls.__name__}; saehook.formats.load reads either")
+        if cfg.get("architecture", "topk") != cls.architecture:
+            raise SAEConfigError(f"{cfg_file} holds a {cfg.get('architecture')!r} autoencoder, not "
+                                 f"{cls.architecture!r} ({cls.__name__}): read it with saehook.load, which picks its "
+                                 "class")
         try:
             tensors = read_sharded_weights(path, cfg) if "latent_shards" in cfg else load_file(w_file)
         except (SafetensorError, OSError) as e:

@@ -161,3 +161,26 @@ def test_saelens_refuses_what_saelens_reads_as_another_architecture(tmp_path):
               str(tmp_path / "sf" / "sae_weights.safetensors"))
     with pytest.raises(FormatError, match="scaling_factor other than ones but finetuning_scaling_factor is false"):
         load(tmp_path / "sf")
+
+
+def test_architecture_in_cfg_picks_the_class(tmp_path):
+    """cfg.json says which dictionary variant wrote it (saehook.architectures); older saves without it are TopK."""
+    import json
+
+    import saehook
+    from saehook import TopKSAE
+    from saehook.sae import SAEConfigError
+
+    sae = TopKSAE(8, 16, 2)
+    sae.save(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk"
+    del cfg["architecture"]  # a save from before the field
+    (tmp_path / "a" / "cfg.json").write_text(json.dumps(cfg))
+    assert type(saehook.load(tmp_path / "a")) is TopKSAE
+    cfg["architecture"] = "nonesuch"
+    (tmp_path / "a" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SAEConfigError, match="holds a 'nonesuch' autoencoder, not 'topk'"):
+        TopKSAE.load(tmp_path / "a")
+    with pytest.raises(ValueError, match="unknown autoencoder architecture 'nonesuch'; saehook reads .*topk"):
+        saehook.load(tmp_path / "a")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..architectures import class_for
 from ..atomic import committed
 from ..hookpoints import hookpoint_dirname
 from ..sae import CFG_NAME, WEIGHTS_NAME, TopKSAE, shard_weights_name
@@ -89,8 +90,9 @@ def _unknown(path: Path) -> FormatError:
 
 
 def _load_one(path: Path, fmt: str, device, dtype) -> TopKSAE:
-    if fmt == "saehook":
-        return TopKSAE.load(path, device=device, dtype=dtype)
+    if fmt == "saehook":  # the class of its architecture (saehook.architectures)
+        cls = class_for(read_json(path / CFG_NAME).get("architecture", "topk"))
+        return cls.load(path, device=device, dtype=dtype)
     if fmt == "saehook-layernorm":
         return LayerNormTopKSAE.load(path, device=device, dtype=dtype)
     if fmt == "sparsify":
