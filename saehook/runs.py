@@ -16,7 +16,7 @@ from pathlib import Path
 
 __all__ = ["RunExistsError", "clear_run", "next_free", "prepare_run", "run_files"]
 
-RUN_NAMES = ("checkpoints", "tb", "train_config.json")
+RUN_NAMES = ("checkpoints", "tb", "train_config.json", "sweep.json")
 """Names a training run writes at the top of its folder, beside its ``<hookpoint>/`` folders and ``metrics*.jsonl``
 (``report*.json``: evaluations)."""
 
