@@ -21,7 +21,8 @@ def _bench():
 def test_bench_gpu_smoke_run_on_cpu(tmp_path, capsys):
     out = tmp_path / "gpu.json"
     assert _bench().main(["--device", "cpu", "--sizes", "1024", "--tokens", "256", "--d", "32", "--k", "8",
-                          "--reps", "2", "--warmup", "1", "--dead-fracs", "0", "0.1", "--out", str(out)]) == 0
+                          "--reps", "2", "--warmup", "1", "--dead-fracs", "0", "0.1", "--check-n", "512",
+                          "--check-tokens", "64", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["device"] == "cpu" and [r["dead_frac"] for r in res["results"]] == [0.0, 0.1]
     for r in res["results"]:
@@ -30,7 +31,12 @@ def test_bench_gpu_smoke_run_on_cpu(tmp_path, capsys):
             row = r["impls"][impl]
             # a ratio of two timings: positive and finite (its size depends on the machine's load, not a test)
             assert row["tokens_per_s"] > 0 and 0 < row["fraction_of_bf16_matmul"] < float("inf")
-    assert "| 10% | 1,024 | saehook-bf16 |" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "| 10% | 32 | 1,024 | saehook-bf16 |" in text and "agreement with the CPU reference" in text
+    agree = res["agreement"]  # the CPU against itself here: exact; on CUDA, the Triton kernels against the C ones
+    assert agree["rows_same_latents"] == 1.0 and agree["fvu_abs_diff"] == 0.0 and agree["fvu_cpu"] > 0
+    assert set(agree["grad_rel_err"]) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    assert max(agree["grad_rel_err"].values()) == 0.0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU machine's `make bench` path")
