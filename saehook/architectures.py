@@ -12,6 +12,8 @@ import importlib
 
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "topk": ("saehook.sae", "TopKSAE"),
+    "transcoder": ("saehook.transcoder", "Transcoder"),
+    "skip_transcoder": ("saehook.transcoder", "SkipTranscoder"),
 }
 """``{architecture: (module, class name)}`` of the classes :func:`class_for` returns."""
 

@@ -68,7 +68,8 @@ class _Splice:
         if fwd is None or len(fwd.acts) != len(rows):  # skipped (nan_policy="skip"): left as it is
             return None
         self.fwds[key] = fwd
-        return base.masked_scatter(m.unsqueeze(-1), fwd.out.x_hat.to(x.dtype))
+        out = base[..., base.shape[-1] - fwd.out.x_hat.shape[-1]:]  # a transcoder's [input, output]: the output
+        return out.masked_scatter(m.unsqueeze(-1), fwd.out.x_hat.to(x.dtype))
 
 
 def e2e_step(hooked: Hooked, trainers: Mapping[Key, SAETrainer], batch: dict,

@@ -43,22 +43,34 @@ class _SiteHook:
 
     def __init__(self, owner: Hooked, hp: Hookpoint):
         self.owner, self.hp = owner, hp
+        self.module_input: Tensor | None = None  # a transcoder's: the module's input, kept until its output
 
     def output_hook(self, module, args, kwargs, output):
         x = output if isinstance(output, Tensor) else output[0]
-        y = self.owner._process(self.hp, x)
+        x_in, self.module_input = self.module_input, None
+        y = self.owner._process(self.hp, x, x_in)
         if y is None:
             return None
         return y if isinstance(output, Tensor) else (y, *output[1:])
 
-    def input_hook(self, module, args, kwargs):
+    def _input_tensor(self, args, kwargs) -> Tensor:
         if args and isinstance(args[0], Tensor):
-            y = self.owner._process(self.hp, args[0])
-            return None if y is None else ((y, *args[1:]), kwargs)
+            return args[0]
         if isinstance(kwargs.get("hidden_states"), Tensor):
-            y = self.owner._process(self.hp, kwargs["hidden_states"])
-            return None if y is None else (args, {**kwargs, "hidden_states": y})
+            return kwargs["hidden_states"]
         raise TypeError(f"{self.hp}: cannot find the input tensor (no positional tensor or hidden_states)")
+
+    def input_hook(self, module, args, kwargs):
+        y = self.owner._process(self.hp, self._input_tensor(args, kwargs))
+        if y is None:
+            return None
+        if args and isinstance(args[0], Tensor):
+            return (y, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": y}
+
+    def keep_input(self, module, args, kwargs):
+        """A transcoder's pre-hook: keep the module's input for the output hook."""
+        self.module_input = self._input_tensor(args, kwargs)
 
 
 class LatentsMissing(KeyError):
@@ -116,6 +128,9 @@ class Hooked:
             if str(hp) in seen:
                 raise ValueError(f"keys {seen[str(hp)]!r} and {key!r} both name hookpoint {hp}")
             seen[str(hp)] = key
+            if sae.transcoder and hp.site != "output":
+                raise ValueError(f"a transcoder reads a module's input and replaces its output, so it is attached at "
+                                 f"the module ({hp.name!r}), not at {str(hp)!r}")
             if hp.width is not None and hp.width != sae.d_in:
                 raise ValueError(f"autoencoder for {key!r} has d_in={sae.d_in}, but hookpoint {hp} has width "
                                  f"{hp.width}")
@@ -140,6 +155,8 @@ class Hooked:
             self._handles += self._tokens.register(self.model, find_layers(self.model)[0])
             for hp in self.hookpoints.values():
                 site = _SiteHook(self, hp)
+                if self.saes[hp.key].transcoder:  # reads the module's input, writes its output
+                    self._handles.append(hp.module.register_forward_pre_hook(site.keep_input, with_kwargs=True))
                 if hp.site == "output":
                     h = hp.module.register_forward_hook(site.output_hook, with_kwargs=True)
                 else:
@@ -298,7 +315,8 @@ class Hooked:
         return Run(inputs, acts, codes, valid, real, st.positions if st is not None else None, output)
 
     # ------------------------------------------------------------------ the hot path
-    def _process(self, hp: Hookpoint, x: Tensor) -> Tensor | None:
+    def _process(self, hp: Hookpoint, x: Tensor, x_in: Tensor | None = None) -> Tensor | None:
+        """The hook's work on activation ``x`` (a transcoder's: the module's output, with its input ``x_in``)."""
         key = hp.key
         self._tokens.reached.add(key)
         edits = [e for e in self._edits if key in e.targets]
@@ -311,13 +329,19 @@ class Hooked:
         if x.device != sae.W_enc.device and not sae.W_enc.is_meta:  # meta: no weights to move (shard="latents")
             log.info("moving the autoencoder for %r to %s", key, x.device)
             sae.to(x.device)
+        if sae.transcoder:  # taps, replacements and training see [input, output] side by side
+            if x_in is None or x_in.shape[:-1] != x.shape[:-1]:
+                raise RuntimeError(f"{hp}: the transcoder did not receive the module's input with its output")
+            x_pair = torch.cat([x_in.to(x.dtype), x], -1)
+        else:
+            x_pair = x
         fwd = self._tokens.current
         if self._taps and (fwd is None or key not in fwd.tapped):  # a re-run (checkpointing) is not re-fed
             if fwd is not None:
                 fwd.tapped.add(key)
             for tap in list(self._taps):
-                tap(key, hp, x)
-        replaced = self._replace(key, hp, x) if self._replace is not None else None
+                tap(key, hp, x_pair)
+        replaced = self._replace(key, hp, x_pair) if self._replace is not None else None
         if replaced is not None:
             if replaced.shape != x.shape:
                 raise ValueError(f"{hp}: the replacement has shape {tuple(replaced.shape)}, the activation "
@@ -333,7 +357,7 @@ class Hooked:
         codes = None
         # adding a fixed vector needs no code (unless the normalisation is per row)
         if self.record or sae.per_row_scale or any(e.kind != "add" for e in edits):
-            codes = sae.encode(xs)
+            codes = sae.encode(xs if x_in is None else x_in.to(sae.W_enc.dtype))
         if self.record:  # under a splice the values keep their graph: d(metric)/dz for attribution
             spliced = any(e.kind == "splice" for e in edits)
             self.latents[key] = Codes(codes.values if spliced else codes.values.detach(), codes.indices)
@@ -386,8 +410,9 @@ class Hooked:
     @contextlib.contextmanager
     def replacing(self, fn) -> Iterator[Hooked]:
         """While inside, ``fn(key, hookpoint, x)`` sees every hookpoint activation ``x`` and may return a
-        tensor of the same shape to take its place (None leaves it). Autograd is kept: under
-        ``torch.enable_grad()`` the rest of the model computes from the replacement, so a loss at the
+        tensor of the same shape to take its place (None leaves it); at a transcoder, ``x`` is the module's input
+        and output side by side ``[..., 2d]`` and the replacement ``[..., d]`` takes the output's place. Autograd is
+        kept: under ``torch.enable_grad()`` the rest of the model computes from the replacement, so a loss at the
         logits reaches whatever produced it (end-to-end training, :func:`saehook.e2e.e2e_step`). It acts
         after the taps and before splice / steer / ablate edits; one function at a time."""
         if not self.attached:

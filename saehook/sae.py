@@ -194,6 +194,15 @@ class TopKSAE(nn.Module):
     def normalise(self, x: Tensor) -> tuple[Tensor, object]:
         """``x [..., d_in] -> (x' [..., d_in], state)``: the input in normalised units, in the autoencoder's
         dtype, and what :meth:`unnormalise` needs to undo it. Here ``x' = s x`` and ``state`` is None (``s`` is
+
+    transcoder = False
+    """Whether it maps a module's input to its output (:class:`~saehook.transcoder.Transcoder`): attach then reads
+    both."""
+
+    @property
+    def train_width(self) -> int:
+        """Width of the rows training feeds it: ``d_in`` (a transcoder's: its input and output side by side)."""
+        return self.d_in
         the ``input_scale`` buffer). Every other method (encode, decode, forward, training) goes through this
         pair, so a subclass with another normalisation overrides only them (and :meth:`make_codes` /
         :meth:`codes_state` when the state travels with the codes). Raises ``ValueError`` when the width is not

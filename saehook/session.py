@@ -106,7 +106,7 @@ class TrainingSession:
             else:
                 self.trainers[key] = SAETrainer(sae, config, total_tokens=total_tokens, name=name,
                                                 dist=dist if shard == "data" else None)
-            self.buffers[key] = ShuffleBuffer(sae.d_in, per_rank, capacity, seed=seed,
+            self.buffers[key] = ShuffleBuffer(sae.train_width, per_rank, capacity, seed=seed,
                                               device=self.trainers[key].sae.W_enc.device)
         self.seen: set = set()
         self.last: dict = {}

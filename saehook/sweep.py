@@ -57,9 +57,10 @@ class Sweep:
         unknown = set(configs) - set(saes)
         if unknown:
             raise ValueError(f"configs for {sorted(unknown)}, which are not in the sweep ({sorted(saes)})")
-        widths = {name: sae.d_in for name, sae in saes.items()}
+        widths = {name: sae.train_width for name, sae in saes.items()}
         if len(set(widths.values())) > 1:
-            raise ValueError(f"the members of a sweep read one hookpoint, so they need one d_in; got {widths}")
+            raise ValueError(f"the members of a sweep read one hookpoint, so they need one d_in (a transcoder's rows "
+                             f"are twice as wide); got {widths}")
         for name, cfg in configs.items():
             differ = [f for f in self.STREAM_FIELDS if getattr(cfg, f) != getattr(config, f)]
             if differ:
@@ -71,7 +72,7 @@ class Sweep:
         self.batch_tokens = config.batch_for(total_tokens)
         capacity = config.shuffle_buffer if not total_tokens else min(config.shuffle_buffer, total_tokens // 4)
         first = next(iter(saes.values()))
-        self.buffer = ShuffleBuffer(first.d_in, self.batch_tokens, capacity, seed=config.seed,
+        self.buffer = ShuffleBuffer(first.train_width, self.batch_tokens, capacity, seed=config.seed,
                                     device=first.W_enc.device)
         self.init_rows = min(tr.init_rows for tr in self.trainers.values())
         self.last: dict[str, dict] = {}

@@ -101,7 +101,7 @@ class SAETrainer:
         :attr:`init_rows` rows; a first :meth:`step` without it calls it on that step's batch. Only the
         autoencoder's public methods are used (``set_input_scale_``, ``init_b_dec_``), so a subclass's own
         normalisation (e.g. :class:`~saehook.LayerNormTopKSAE`'s) is what ``b_dec`` is fitted in."""
-        sample = self._init_sample(acts.reshape(-1, self.sae.d_in))
+        sample = self._init_sample(acts.reshape(-1, self.sae.train_width))
         if self.cfg.normalize in ("scalar", "channel"):  # channel: s_c = 1/std_c; b_dec takes the channel means
             self.sae.set_input_scale_(sample, mode=self.cfg.normalize)
         if self.cfg.init_b_dec != "none":
@@ -173,7 +173,7 @@ class SAETrainer:
         is skipped (non-finite rows or loss under ``nan_policy="skip"``). ``acts`` may carry autograd
         history (end-to-end training, :mod:`saehook.e2e`); ``out.x_hat`` then depends on it."""
         sae, cfg = self.sae, self.cfg
-        acts = acts.reshape(-1, sae.d_in).to(sae.W_enc.device)
+        acts = acts.reshape(-1, sae.train_width).to(sae.W_enc.device)
         if not self._check_finite("activations", acts):
             acts = acts[torch.isfinite(acts).all(-1)]
             if len(acts) < 2:
@@ -270,7 +270,8 @@ class SAETrainer:
                 m["multi_topk_fvu"] = float(out.multi_topk_fvu.detach())
         if out is not None and acts is not None:  # per token, so one dominant channel cannot hide the error
             with torch.no_grad():  # three row norms; cos from them: (|x|^2 + |x_hat|^2 - |x - x_hat|^2) / 2|x||x_hat|
-                x, x_hat, norm = acts.float(), out.x_hat.detach().reshape(acts.shape).float(), torch.linalg.vector_norm
+                x = acts.float()[..., acts.shape[-1] - self.sae.d_in:]  # a transcoder's target: its output half
+                x_hat, norm = out.x_hat.detach().reshape(x.shape).float(), torch.linalg.vector_norm
                 n, n_hat, e = (norm(v, dim=-1).double() for v in (x, x_hat, x - x_hat))
                 m["cosine"] = float(((n * n + n_hat * n_hat - e * e) / (2 * n * n_hat).clamp_min(1e-300)).mean())
                 m["rel_error_median"] = float((e / n).nan_to_num(nan=0.0).quantile(0.5))
