@@ -125,8 +125,8 @@ def scatter_rows(idx: Tensor, w: Tensor, n: int, dense: Tensor) -> Tensor:
         return out
     flat = idx.reshape(-1)
     lat, order = torch.sort(flat, stable=True)  # entries grouped by latent, rows ascending within one
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=idx.device)
-    crow[1:] = torch.bincount(lat, minlength=n)[:n].cumsum(0)
+    # crow[r] = entries with latent < r (no bincount: on CUDA it syncs with the host for its size)
+    crow = torch.searchsorted(lat, torch.arange(n + 1, dtype=lat.dtype, device=lat.device))
     src_row = torch.div(order, K, rounding_mode="floor")
     w_sorted = w.reshape(-1)[order]
     BD = _block(D, 16, 128)
