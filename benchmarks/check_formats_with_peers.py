@@ -1,6 +1,6 @@
 """Interop check against the real peer libraries (needs the benchmark-only venv with eai-sparsify and sae-lens):
 saehook -> sparsify / SAELens files load in those libraries with the same reconstructions, and their own files
-load in saehook.
+load in saehook; the same both ways for SAELens's jumprelu architecture (saehook.JumpReLUSAE).
 
     .venv-bench/bin/python benchmarks/check_formats_with_peers.py
 """
@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from sae_lens import SAE, TopKSAEConfig
+from sae_lens import SAE, JumpReLUSAEConfig, TopKSAEConfig
 from sparsify import SparseCoder, SparseCoderConfig
 
 import saehook
@@ -49,8 +49,31 @@ sl.save_model(str(tmp / "real_sl"))
 s2 = saehook.load(tmp / "real_sl")
 results["sae-lens -> saehook"] = s2.decode(s2.encode(x)) - sl(x)
 
+jr = saehook.JumpReLUSAE(16, 64, 64)  # the cap k = n_latents: SAELens's JumpReLU has none
+with torch.no_grad():
+    jr.W_enc.add_(0.2 * torch.randn_like(jr.W_enc))
+    jr.b_enc.normal_(0, 0.1)
+    jr.b_dec.normal_(0, 0.3)
+    jr.log_threshold.copy_(torch.rand(64).add_(0.2).log())
+    jr.input_scale.fill_(0.5)
+save_saelens(jr, tmp / "jr", hook_name="blocks.1.hook_resid_post", model_name="tiny")
+real_jr = SAE.load_from_disk(str(tmp / "jr"), device="cpu")
+assert type(real_jr).__name__ == "JumpReLUSAE", type(real_jr)
+l0 = float((jr.encode(x).values > 0).sum(-1).float().mean())
+print(f"jumprelu: L0 {l0:.1f} of 64 on these rows")
+results["saehook jumprelu -> sae-lens"] = real_jr(x) - jr.decode(jr.encode(x))
+sl_jr = SAE.from_dict(JumpReLUSAEConfig(d_in=16, d_sae=64, dtype="float32", device="cpu",
+                                        apply_b_dec_to_input=False).to_dict())
+with torch.no_grad():
+    for p in sl_jr.parameters():
+        p.normal_(0, 0.3)
+    sl_jr.threshold.uniform_(-0.1, 0.5)  # some <= 0: gate nothing ReLU keeps
+sl_jr.save_model(str(tmp / "real_jr"))
+s3 = saehook.load(tmp / "real_jr")
+results["sae-lens jumprelu -> saehook"] = s3.decode(s3.encode(x)) - sl_jr(x)
+
 for name, diff in results.items():
     err = diff.abs().max().item()
-    print(f"{name:<22} max |reconstruction difference| = {err:.2e}")
+    print(f"{name:<30} max |reconstruction difference| = {err:.2e}")
     assert err < 1e-5, name
-print("all four directions agree")
+print(f"all {len(results)} directions agree")

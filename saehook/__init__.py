@@ -18,6 +18,7 @@ from .corpus import Corpus
 from .evaluate import EvalReport, evaluate
 from .formats import FormatError, load
 from .hooks import Hooked, attach
+from .jumprelu import JumpReLUSAE
 from .layernorm_sae import LayerNormTopKSAE, LNCodes
 from .models import load_model
 from .probe import probe_loss
@@ -33,6 +34,7 @@ __all__ = [
     "LNCodes",
     "LayerNormTopKSAE",
     "Hooked",
+    "JumpReLUSAE",
     "NonFiniteError",
     "SAEConfigError",
     "SAEOutput",

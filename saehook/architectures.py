@@ -12,6 +12,7 @@ import importlib
 
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "topk": ("saehook.sae", "TopKSAE"),
+    "jumprelu": ("saehook.jumprelu", "JumpReLUSAE"),
     "transcoder": ("saehook.transcoder", "Transcoder"),
     "skip_transcoder": ("saehook.transcoder", "SkipTranscoder"),
 }

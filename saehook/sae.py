@@ -68,6 +68,9 @@ class SAEOutput(NamedTuple):
     (None when no dead mask was given or no latent is dead)."""
     multi_topk_fvu: Tensor | None = None
     """FVU of the reconstruction from the top ``4k`` latents (Multi-TopK; None when disabled)."""
+    penalty: Tensor | None = None
+    """A scalar the variant adds to its training loss beyond reconstruction (e.g. :class:`~saehook.JumpReLUSAE`'s
+    L0 penalty ``sparsity_coef * mean L0``), added as is by :class:`~saehook.SAETrainer`; None: nothing."""
 
 
 class SAEConfigError(ValueError):

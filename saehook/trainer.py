@@ -3,6 +3,7 @@
 Per step, for rows ``x [N, d]``:
 
     loss = fvu(x, x_hat) + auxk_coef * auxk_fvu + multi_topk_coef * fvu(x, x_hat_4k)
+           + out.penalty      (a variant's own term when it returns one: e.g. JumpReLU's L0 penalty)
     g(W_dec) <- g - (g . w) w  for each unit decoder row w      (remove the parallel component)
     Adam(betas, eps) step; W_dec rows renormalised to unit norm; optional weight EMA
 
@@ -188,6 +189,10 @@ class SAETrainer:
             loss = loss + cfg.auxk_coef * out.auxk_fvu
         if out.multi_topk_fvu is not None:
             loss = loss + fvu_coef * cfg.multi_topk_coef * out.multi_topk_fvu
+        if out.penalty is not None:  # a variant's own term (JumpReLU's L0 penalty), unweighted
+            if self.dist is not None:  # a mean over this rank's rows: the ranks' sum is the mean over all of them
+                out = out._replace(penalty=out.penalty / self.dist.world)
+            loss = loss + out.penalty
         if not self._check_finite("loss", loss.detach()):
             return None
         return TrainForward(acts, out, loss)
@@ -244,7 +249,8 @@ class SAETrainer:
             all_reduce(counts)
             n_rows, n_active = int(counts[0]), int(counts[1])
             out = out._replace(**{f: all_reduce(getattr(out, f).detach().clone())
-                                  for f in ("fvu", "auxk_fvu", "multi_topk_fvu") if getattr(out, f) is not None})
+                                  for f in ("fvu", "auxk_fvu", "multi_topk_fvu", "penalty")
+                                  if getattr(out, f) is not None})
             loss = all_reduce(loss.detach().clone())
         return fired, n_rows, n_active, out, loss
 
@@ -268,6 +274,8 @@ class SAETrainer:
                 m["auxk_fvu"] = float(out.auxk_fvu.detach())
             if out.multi_topk_fvu is not None:
                 m["multi_topk_fvu"] = float(out.multi_topk_fvu.detach())
+            if out.penalty is not None:
+                m["penalty"] = float(out.penalty.detach())
         if out is not None and acts is not None:  # per token, so one dominant channel cannot hide the error
             with torch.no_grad():  # three row norms; cos from them: (|x|^2 + |x_hat|^2 - |x - x_hat|^2) / 2|x||x_hat|
                 x = acts.float()[..., acts.shape[-1] - self.sae.d_in:]  # a transcoder's target: its output half

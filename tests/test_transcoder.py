@@ -111,3 +111,40 @@ def test_trained_online_from_the_single_forward_pass(tmp_path):
 def test_attached_at_an_input_site_is_refused():
     with pytest.raises(ValueError, match="attached at the module \\('model.layers.1.mlp'\\)"):
         saehook.attach(tiny_model("llama"), {f"{MLP}:input": Transcoder(32, 64, 4)})
+
+
+def test_sparsify_transcoder_files_load_and_save(tmp_path):
+    """sparsify's transcode / skip_connection layout, written by hand: saehook.load gives sparsify's output
+    (pre = ReLU(encoder(x)), no b_dec subtracted; z W_dec + b_dec + x W_skip^T); save_sparsify of a transcoder
+    with fitted scales writes weights that give the same output again."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from saehook.formats.sparsify import save_sparsify
+
+    g = torch.Generator().manual_seed(0)
+    d, n, k = 12, 48, 4
+    t = {"encoder.weight": torch.randn(n, d, generator=g), "encoder.bias": torch.randn(n, generator=g) * 0.1,
+         "W_dec": torch.randn(n, d, generator=g), "b_dec": torch.randn(d, generator=g),
+         "W_skip": torch.randn(d, d, generator=g) * 0.1}
+    (tmp_path / "tc").mkdir()
+    save_file(t, str(tmp_path / "tc" / "sae.safetensors"))
+    (tmp_path / "tc" / "cfg.json").write_text(json.dumps({"d_in": d, "num_latents": n, "k": k, "transcode": True,
+                                                          "skip_connection": True}))
+    tc = saehook.load(tmp_path / "tc")
+    assert type(tc) is SkipTranscoder
+    x = torch.randn(20, d, generator=g)
+    pre = torch.relu(x @ t["encoder.weight"].T + t["encoder.bias"])
+    vals, idx = pre.topk(k, dim=-1)
+    ref = (vals.unsqueeze(-1) * t["W_dec"][idx]).sum(-2) + t["b_dec"] + x @ t["W_skip"].T
+    torch.testing.assert_close(tc.decode(tc.encode(x)), ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # fitted scales, folded on save
+        tc.input_scale.fill_(2.5)
+        tc.output_scale.fill_(0.4)
+    before = tc.decode(tc.encode(x))
+    save_sparsify(tc, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "cfg.json").read_text())
+    assert cfg["transcode"] is True and cfg["skip_connection"] is True
+    again = saehook.load(tmp_path / "out")
+    torch.testing.assert_close(again.decode(again.encode(x)), before, atol=1e-4, rtol=1e-4)

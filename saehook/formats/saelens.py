@@ -23,6 +23,13 @@ Read into saehook's ``z = ReLU(TopK(W(s x - b_dec) + b)), x_hat = (W_dec^T z + b
 - architecture and k as SAELens reads them (:func:`architecture_and_k`): ``k`` defaults to 100;
 - ``rescale_acts_by_decoder_norm = true`` (pre-activations times ``||W_dec[i]||``, divided again before
   decoding) is folded: ``W_enc[i] *= ||W_dec[i]||``, ``b_enc[i] *= ||W_dec[i]||``, ``W_dec[i] /= ||W_dec[i]||``.
+
+SAELens's ``jumprelu`` architecture (Gemma Scope's, whose ``params.npz`` holds the same names), with a per-latent
+``threshold [d_sae]``: ``z = ReLU(pre) * (pre > threshold)``, ``pre`` as above, reads into a
+:class:`~saehook.JumpReLUSAE` with ``log_threshold = log(max(threshold, 0))`` (a threshold <= 0 gates nothing
+ReLU has not already zeroed, so ``theta = 0`` is the same function). The same folds apply (``b_dec``, the input
+scale, per-latent scaling factors; ``rescale_acts_by_decoder_norm`` is a TopK field SAELens ignores for jumprelu).
+Its cap ``k`` is ``cfg.json``'s ``"k"`` when present (saehook writes it), else ``d_sae``: no cap.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic
+from ..jumprelu import JumpReLUSAE
 from ..sae import TopKSAE
 from ._common import (
     FormatError,
@@ -51,6 +59,7 @@ CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
 SCALER = "activation_scaler.json"  # SAELens checkpoints: {"scaling_factor": f}
 TENSORS = {"W_enc", "b_enc", "W_dec", "b_dec"}
+JUMPRELU_TENSORS = TENSORS | {"threshold"}
 TOPK_DEFAULT_K = 100  # SAELens's TopKSAEConfig.k, used when a TopK cfg.json has no k
 OPTIONAL = {"scaling_factor", "finetuning_scaling_factor", "norm_scaling_factor"}
 
@@ -110,23 +119,26 @@ def _meta(cfg: dict, key: str):
 
 def load_saelens(path: str | os.PathLike, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> TopKSAE:
-    """A SAELens TopK autoencoder folder -> :class:`~saehook.TopKSAE` with the same latents and reconstructions.
+    """A SAELens TopK or JumpReLU autoencoder folder -> :class:`~saehook.TopKSAE` (or :class:`~saehook.JumpReLUSAE`)
+    with the same latents and reconstructions.
 
     Folding (see the module docstring) is computed in float64 and cast to ``dtype`` (default: the file's).
     ``metadata`` gets ``model`` and ``hook_name`` (SAELens/TransformerLens names such as
-    ``blocks.8.hook_resid_post``), ``source_format`` and the original ``saelens_cfg``. Other architectures
-    (``standard``, ``gated``, ``jumprelu``, ...) are refused: saehook loads TopK autoencoders only.
+    ``blocks.8.hook_resid_post``), ``source_format`` and the original ``saelens_cfg``. A ``jumprelu`` folder (Gemma
+    Scope's layout) gives a :class:`~saehook.JumpReLUSAE` (see the module docstring); other architectures
+    (``standard``, ``gated``, ...) are refused.
     """
     path = atomic.committed(path)
     cfg = read_json(path / CFG)
     where = str(path)
     arch, k = architecture_and_k(cfg, where)
-    if arch != "topk":
+    if arch not in ("topk", "jumprelu"):
         act = cfg.get("activation_fn_str", cfg.get("activation_fn")) or "relu"
         raise FormatError(f"{where} is a SAELens {arch!r} autoencoder (activation {act!r}) by SAELens's own reading "
-                          f"of its cfg.json; saehook loads TopK autoencoders only (architecture 'topk')")
+                          f"of its cfg.json; saehook loads the architectures 'topk' and 'jumprelu' only")
+    jump = arch == "jumprelu"
     t = read_safetensors(path / WEIGHTS)
-    check_tensors(t, TENSORS, OPTIONAL, where, "SAELens")
+    check_tensors(t, JUMPRELU_TENSORS if jump else TENSORS, OPTIONAL, where, f"SAELens {arch}")
     file_dtype = t["W_dec"].dtype
     W_enc, b_enc, W_dec, b_dec = (t[n].to(torch.float64) for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
     if W_enc.dim() != 2:
@@ -145,7 +157,7 @@ def load_saelens(path: str | os.PathLike, *, device: torch.device | str | None =
     for name in ("scaling_factor", "finetuning_scaling_factor"):
         if name in t:  # z -> z * f before decoding
             W_dec = W_dec * t[name].to(torch.float64).reshape(-1, 1)
-    if cfg.get("rescale_acts_by_decoder_norm"):
+    if cfg.get("rescale_acts_by_decoder_norm") and not jump:
         norms = W_dec.norm(dim=1)
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
 
@@ -170,6 +182,9 @@ def load_saelens(path: str | os.PathLike, *, device: torch.device | str | None =
             scale = float("nan")
         if not (math.isfinite(scale) and scale > 0):
             raise FormatError(f"{where}: norm_scaling_factor must be a positive number, got {f!r}")
+    elif norm == "layer_norm" and jump:
+        raise FormatError(f"{where} is a jumprelu autoencoder with normalize_activations='layer_norm', which saehook "
+                          f"has no class for; it reads layer_norm for topk autoencoders only")
     elif norm == "layer_norm":
         layernorm = True
     elif norm != "none":
@@ -178,9 +193,33 @@ def load_saelens(path: str | os.PathLike, *, device: torch.device | str | None =
     meta = {"model": _meta(cfg, "model_name"), "hook_name": _meta(cfg, "hook_name"),
             "source_format": "saelens", "saelens_cfg": cfg}
     meta = {key: v for key, v in meta.items() if v is not None}
+    if jump:
+        return _jumprelu(cfg, t, (W_enc, b_enc, W_dec, b_dec), where=where, scale=scale, dtype=dtype or file_dtype,
+                         device=device, metadata=meta)
     return build_sae(W_enc, b_enc, W_dec, b_dec, int(k), where=where, input_scale=scale,
                      cls=LayerNormTopKSAE if layernorm else TopKSAE, dtype=dtype or file_dtype, device=device,
                      metadata=meta)
+
+
+def _jumprelu(cfg: dict, t: dict, weights: tuple, *, where: str, scale: float, dtype: torch.dtype, device,
+              metadata: dict) -> JumpReLUSAE:
+    """A :class:`~saehook.JumpReLUSAE` from folded float64 ``weights`` (saehook's orientation) and ``t["threshold"]``;
+    the cap ``k`` from ``cfg["k"]``, else ``d_sae``. Raises ``FormatError`` for a bad threshold or k."""
+    W_enc, b_enc, W_dec, b_dec = weights
+    n = W_enc.shape[0]
+    theta = t["threshold"].to(torch.float64)
+    if tuple(theta.shape) != (n,) or not bool(torch.isfinite(theta).all()):
+        raise FormatError(f"{where}: threshold must hold {n} finite numbers (one per latent, d_sae = {n}); it has "
+                          f"shape {tuple(theta.shape)}")
+    k = cfg.get("k", n)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise FormatError(f"{where}: cfg.json's k (saehook's cap of active latents per row) must be an integer in "
+                          f"[1, d_sae = {n}], got {k!r}")
+    sae = build_sae(W_enc, b_enc, W_dec, b_dec, k, where=where, input_scale=scale, cls=JumpReLUSAE, dtype=dtype,
+                    device=device, metadata=metadata)
+    with torch.no_grad():  # theta <= 0 and theta = 0 are the same function after SAELens's ReLU: log(0) = -inf
+        sae.log_threshold.copy_(theta.clamp_min(0).log())
+    return sae
 
 
 def save_saelens(sae: TopKSAE, path: str | os.PathLike, *, hook_name: str | None = None,
@@ -193,6 +232,8 @@ def save_saelens(sae: TopKSAE, path: str | os.PathLike, *, hook_name: str | None
     ``normalize_activations: "none"``: same latents, same reconstructions. A per-channel scale ``s [d_in]`` is
     folded the same way, channel by channel (``W_enc diag(s)``, ``W_dec diag(1/s)``, ``b_dec / s``). A
     :class:`~saehook.formats.LayerNormTopKSAE` is written with ``normalize_activations: "layer_norm"``.
+    A :class:`~saehook.JumpReLUSAE` is written as ``architecture: "jumprelu"`` with ``threshold = exp(log_threshold)``
+    and its cap as ``k`` (which SAELens ignores; its bandwidth and sparsity coefficient are not written).
     ``hook_name`` / ``model_name`` default to the autoencoder's metadata; ``hook_layer`` to the number in a
     ``blocks.<n>.`` hook name. Both files are written as one unit (:func:`saehook.atomic.write_folder`): a
     failed save leaves the previous contents of ``path``.
@@ -206,13 +247,16 @@ def save_saelens(sae: TopKSAE, path: str | os.PathLike, *, hook_name: str | None
     W_enc, b_enc, W_dec, b_dec = folded_weights(sae)
     layernorm = isinstance(sae, LayerNormTopKSAE)
     tensors = {"W_enc": W_enc.T.contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    jump = isinstance(sae, JumpReLUSAE)
+    if jump:
+        tensors["threshold"] = sae.threshold.detach().to("cpu", W_enc.dtype).contiguous()
     cfg = {
-        "architecture": "topk",
+        "architecture": "jumprelu" if jump else "topk",
         "d_in": sae.d_in,
         "d_sae": sae.n_latents,
         "k": sae.k,
-        "activation_fn_str": "topk",
-        "activation_fn_kwargs": {"k": sae.k},
+        "activation_fn_str": "relu" if jump else "topk",
+        "activation_fn_kwargs": {} if jump else {"k": sae.k},
         "apply_b_dec_to_input": True,
         "normalize_activations": "layer_norm" if layernorm else "none",
         "finetuning_scaling_factor": False,

@@ -57,14 +57,12 @@ def load_sparsify(path: str | os.PathLike, *, device: torch.device | str | None 
     if activation != "topk":
         raise FormatError(f"{where} is a sparsify autoencoder with activation {activation!r}; saehook loads TopK "
                           f"autoencoders only")
-    if cfg.get("transcode"):
-        raise FormatError(f"{where} is a sparsify transcoder (transcode=true: it predicts a different activation "
-                          f"than it reads); saehook loads autoencoders that reconstruct their input only")
     t = read_safetensors(path / WEIGHTS)
-    if cfg.get("skip_connection") or "W_skip" in t:
-        raise FormatError(f"{where} has a skip connection (W_skip); saehook's TopKSAE has none, so it cannot be "
-                          f"loaded without changing its reconstructions")
-    check_tensors(t, TENSORS, set(), where, "sparsify")
+    transcode = bool(cfg.get("transcode"))
+    if (cfg.get("skip_connection") or "W_skip" in t) and not transcode:
+        raise FormatError(f"{where} has a skip connection (W_skip) but is no transcoder; saehook's TopKSAE has none, "
+                          f"so it cannot be loaded without changing its reconstructions")
+    check_tensors(t, TENSORS, {"W_skip"} if transcode else set(), where, "sparsify")
     if "d_in" not in cfg:
         raise FormatError(f"{path / CFG} has no 'd_in', which sparsify's SparseCoder.load_from_disk requires (it "
                           f"fails on such a folder); it has {sorted(cfg)}")
@@ -78,8 +76,40 @@ def load_sparsify(path: str | os.PathLike, *, device: torch.device | str | None 
                           f"expansion_factor={cfg.get('expansion_factor')}: {expected_n} latents as sparsify counts "
                           f"them) does not match encoder.weight of shape {tuple(W_enc.shape)} [num_latents, d_in]")
     meta = {"hookpoint": name, "source_format": "sparsify", "sparsify_cfg": cfg}
+    if transcode:
+        return _transcoder(t, k, bool(cfg.get("multi_topk", False)), meta, dtype, device)
     return build_sae(W_enc, t["encoder.bias"], t["W_dec"], t["b_dec"], k, where=where,
                      multi_topk=bool(cfg.get("multi_topk", False)), dtype=dtype, device=device, metadata=meta)
+
+
+def _transcoder(t: dict, k: int, multi_topk: bool, meta: dict, dtype, device) -> TopKSAE:
+    """A sparsify transcoder (``transcode``; with ``W_skip``: a skip-transcoder) as saehook's class, scales 1."""
+    from ..transcoder import SkipTranscoder, Transcoder
+
+    cls = SkipTranscoder if "W_skip" in t else Transcoder
+    n, d = t["encoder.weight"].shape
+    dt = dtype or t["encoder.weight"].dtype
+    tc = cls(d, n, k, multi_topk=multi_topk, dtype=dt, device="meta").to_empty(device=device or "cpu")
+    state = {"W_enc": t["encoder.weight"], "b_enc": t["encoder.bias"], "W_dec": t["W_dec"], "b_dec": t["b_dec"],
+             "input_scale": torch.ones(()), "output_scale": torch.ones(())}
+    if "W_skip" in t:
+        state["W_skip"] = t["W_skip"]
+    tc.load_state_dict({name: v.to(dt) for name, v in state.items()})
+    tc.metadata = meta
+    return tc
+
+
+def _transcoder_tensors(sae) -> dict:
+    """A transcoder's tensors in sparsify's layout, its scales folded in (float64, cast back):
+    ``encoder.weight = s_in W_enc``, ``W_dec / s_out``, ``b_dec / s_out``, ``W_skip s_in / s_out``."""
+    s_in, s_out = float(sae.input_scale), float(sae.output_scale)
+    dt = sae.W_enc.dtype
+    f = {n: p.detach().to("cpu", torch.float64) for n, p in sae.named_parameters()}
+    out = {"encoder.weight": f["W_enc"] * s_in, "encoder.bias": f["b_enc"], "W_dec": f["W_dec"] / s_out,
+           "b_dec": f["b_dec"] / s_out}
+    if "W_skip" in f:
+        out["W_skip"] = f["W_skip"] * (s_in / s_out)
+    return {n: v.to(dt) for n, v in out.items()}
 
 
 def load_sparsify_dir(path: str | os.PathLike, *, device: torch.device | str | None = None,
@@ -115,7 +145,12 @@ def save_sparsify(sae: TopKSAE, path: str | os.PathLike) -> Path:
         raise FormatError("sparsify has no per-row layer-norm input normalisation, so this LayerNormTopKSAE cannot "
                           "be written in its format without changing its outputs; use save_saelens (layer_norm) "
                           "or sae.save")
-    W_enc, b_enc, W_dec, b_dec = folded_weights(sae)
+    if sae.transcoder:
+        tensors = _transcoder_tensors(sae)
+        W_enc, b_enc, W_dec, b_dec = (tensors[n] for n in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"))
+    else:
+        W_enc, b_enc, W_dec, b_dec = folded_weights(sae)
+        tensors = {"encoder.weight": W_enc, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     unit = bool(torch.allclose(W_dec.double().norm(dim=1), torch.ones(sae.n_latents, dtype=torch.float64),
                                atol=1e-3))
     cfg = {
@@ -125,10 +160,9 @@ def save_sparsify(sae: TopKSAE, path: str | os.PathLike) -> Path:
         "num_latents": sae.n_latents,
         "k": sae.k,
         "multi_topk": sae.multi_topk,
-        "skip_connection": False,
-        "transcode": False,
+        "skip_connection": "W_skip" in tensors,
+        "transcode": bool(sae.transcoder),
         "d_in": sae.d_in,
     }
-    tensors = {"encoder.weight": W_enc, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     return atomic.write_folder(path, {WEIGHTS: atomic.safetensors_bytes(tensors, metadata={"format": "pt"}),
                                       CFG: atomic.json_bytes(cfg)})
