@@ -1,6 +1,7 @@
 """Interop check against the real peer libraries (needs the benchmark-only venv with eai-sparsify and sae-lens):
 saehook -> sparsify / SAELens files load in those libraries with the same reconstructions, and their own files
-load in saehook; the same both ways for SAELens's jumprelu architecture (saehook.JumpReLUSAE).
+load in saehook; the same both ways for SAELens's jumprelu architecture (saehook.JumpReLUSAE) and sparsify's
+transcoders with a skip connection (saehook.transcoder.SkipTranscoder).
 
     .venv-bench/bin/python benchmarks/check_formats_with_peers.py
 """
@@ -71,6 +72,27 @@ with torch.no_grad():
 sl_jr.save_model(str(tmp / "real_jr"))
 s3 = saehook.load(tmp / "real_jr")
 results["sae-lens jumprelu -> saehook"] = s3.decode(s3.encode(x)) - sl_jr(x)
+
+# transcoders: saehook's SkipTranscoder (fitted scales) -> sparsify's transcode + skip_connection, and back
+from saehook.transcoder import SkipTranscoder  # noqa: E402
+
+tc = SkipTranscoder(16, 64, 4)
+with torch.no_grad():
+    tc.b_enc.normal_(0, 0.1)
+    tc.b_dec.normal_(0, 0.3)
+    tc.W_skip.normal_(0, 0.1)
+    tc.input_scale.fill_(2.0)
+    tc.output_scale.fill_(0.5)
+save_sparsify(tc, tmp / "tc")
+results["saehook transcoder -> sparsify"] = (SparseCoder.load_from_disk(tmp / "tc", device="cpu")(x).sae_out
+                                             - tc.decode(tc.encode(x)))
+sc_tc = SparseCoder(16, SparseCoderConfig(num_latents=64, k=4, transcode=True, skip_connection=True), device="cpu")
+with torch.no_grad():
+    for p in sc_tc.parameters():
+        p.normal_(0, 0.3)
+sc_tc.save_to_disk(tmp / "real_tc")
+s4 = saehook.load(tmp / "real_tc")
+results["sparsify transcoder -> saehook"] = s4.decode(s4.encode(x)) - sc_tc(x).sae_out
 
 for name, diff in results.items():
     err = diff.abs().max().item()
