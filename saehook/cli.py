@@ -91,6 +91,12 @@ def add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     p.add_argument("--latents", type=parse_count, default=4096 if demo else 16384, help="n_latents per autoencoder")
     p.add_argument("--k", type=int, default=32, help="active latents per token")
     p.add_argument("--multi-topk", action="store_true", help="train with the Multi-TopK loss L(k) + L(4k)/8")
+    if not demo:
+        from .architectures import ARCHITECTURES
+
+        p.add_argument("--architecture", default="topk", choices=sorted(ARCHITECTURES),
+                       help="dictionary variant (docs/variants.md); a transcoder at layer L reads and replaces that "
+                            "layer's MLP (<layers>.L.mlp)")
     p.add_argument("--tokens", type=parse_count, default=parse_count("900k" if demo else "2M"),
                    help="training tokens per hookpoint, e.g. 2M")
     p.add_argument("--context", type=int, default=128, help="tokens per window")
@@ -183,12 +189,17 @@ def run_train(args) -> dict:
     corpus = saehook.Corpus.from_source(args.corpus, tok, context=args.context, seed=args.seed)
     print(f"corpus: {args.corpus or 'BBC News (embedded)'}, windows of {args.context} tokens")
     probe = saehook.hookpoints
+    from .architectures import class_for
+
+    cls = class_for(getattr(args, "architecture", "topk"))
     saes = {}
     for key in args.layers:
+        if cls.transcoder and isinstance(key, int):  # a layer index names that layer's MLP
+            key = f"{probe.find_layers(model)[0]}.{key}.mlp"
         hp = probe.resolve(model, key)
         d = hp.width or model.config.hidden_size
-        saes[key] = saehook.TopKSAE(d, args.latents, args.k, multi_topk=args.multi_topk)
-    print(f"training {len(saes)} autoencoder(s) at {[str(probe.resolve(model, k)) for k in saes]}: "
+        saes[key] = cls(d, args.latents, args.k, multi_topk=args.multi_topk)
+    print(f"training {len(saes)} {cls.__name__}(s) at {[str(probe.resolve(model, k)) for k in saes]}: "
           f"n_latents={args.latents}, k={args.k}, {args.tokens:,} tokens, {cfg.batch_for(args.tokens)} per step, "
           f"peak lr={cfg.lr_for(args.latents):.3g} ({cfg.lr_schedule})")
     with saehook.attach(model, saes) as hooked:

@@ -131,3 +131,18 @@ def test_every_subcommand_help_shows_its_defaults_and_examples():
             help_ = " ".join(p._get_formatter()._expand_help(action).split()) if action.help else ""
             assert "(default" in help_, (name, action.option_strings)
             assert help_ in text, (name, action.option_strings)
+
+
+def test_train_architecture_transcoder_at_a_layers_mlp(local_model, tmp_path, capsys):
+    """--architecture transcoder --layers 1: a Transcoder of model.layers.1.mlp, trained, saved and loaded."""
+    from saehook.transcoder import Transcoder
+
+    path, text = local_model
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(path), "--corpus", str(text), "--architecture", "transcoder",
+                 "--layers", "1", "--latents", "64", "--k", "4", "--tokens", "1k", "--batch-tokens", "64",
+                 "--init-samples", "128", "--context", "16", "--batch-size", "4", "--shuffle-buffer", "128",
+                 "--dtype", "float32", "--out", str(out), "--no-progress"]) == 0
+    assert "training 1 Transcoder(s) at ['model.layers.1.mlp']" in capsys.readouterr().out
+    tc = saehook.load(out / "model.layers.1.mlp")
+    assert type(tc) is Transcoder and tc.metadata["hookpoint"] == "model.layers.1.mlp"

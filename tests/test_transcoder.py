@@ -148,3 +148,4 @@ def test_sparsify_transcoder_files_load_and_save(tmp_path):
     assert cfg["transcode"] is True and cfg["skip_connection"] is True
     again = saehook.load(tmp_path / "out")
     torch.testing.assert_close(again.decode(again.encode(x)), before, atol=1e-4, rtol=1e-4)
+
