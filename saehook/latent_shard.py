@@ -259,6 +259,11 @@ class ShardedTopKSAE(nn.Module):
         return self.local.b_dec
 
     @property
+    def train_width(self) -> int:
+        """Width of the rows training feeds it: ``d_in`` (what :class:`~saehook.trainer.SAETrainer` reshapes to)."""
+        return self.d_in
+
+    @property
     def n_local(self) -> int:
         """Latents of this shard: ``n_latents / S``."""
         return self.stop - self.start
