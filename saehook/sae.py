@@ -190,13 +190,6 @@ class TopKSAE(nn.Module):
     architecture = "topk"
     """The ``"architecture"`` of this class's ``cfg.json`` (:mod:`saehook.architectures`): which dictionary variant
     it is; :meth:`load` refuses another, :func:`saehook.load` picks the class from it."""
-    per_row_scale = False
-    """True for subclasses whose normalisation depends on each row (e.g. a layer norm), so that turning a
-    latent-space change into activation units needs that row's code (see :meth:`unscale`)."""
-
-    def normalise(self, x: Tensor) -> tuple[Tensor, object]:
-        """``x [..., d_in] -> (x' [..., d_in], state)``: the input in normalised units, in the autoencoder's
-        dtype, and what :meth:`unnormalise` needs to undo it. Here ``x' = s x`` and ``state`` is None (``s`` is
 
     transcoder = False
     """Whether it maps a module's input to its output (:class:`~saehook.transcoder.Transcoder`): attach then reads
@@ -206,6 +199,13 @@ class TopKSAE(nn.Module):
     def train_width(self) -> int:
         """Width of the rows training feeds it: ``d_in`` (a transcoder's: its input and output side by side)."""
         return self.d_in
+    per_row_scale = False
+    """True for subclasses whose normalisation depends on each row (e.g. a layer norm), so that turning a
+    latent-space change into activation units needs that row's code (see :meth:`unscale`)."""
+
+    def normalise(self, x: Tensor) -> tuple[Tensor, object]:
+        """``x [..., d_in] -> (x' [..., d_in], state)``: the input in normalised units, in the autoencoder's
+        dtype, and what :meth:`unnormalise` needs to undo it. Here ``x' = s x`` and ``state`` is None (``s`` is
         the ``input_scale`` buffer). Every other method (encode, decode, forward, training) goes through this
         pair, so a subclass with another normalisation overrides only them (and :meth:`make_codes` /
         :meth:`codes_state` when the state travels with the codes). Raises ``ValueError`` when the width is not
