@@ -123,7 +123,8 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
-        """Gradients from the k (+ k_aux) selected entries per row only: scatter-add, a CSR product, one matvec."""
+        """Gradients from the k (+ k_aux) selected entries per row only: scatter-add, ``ops.scatter_rows``, one
+        matvec, ``ops.decode`` for ``dL/dx``."""
         xc, W_enc, idx, vals = ctx.saved_tensors
         N, K = idx.shape
         if g_vals is None:
@@ -149,18 +150,19 @@ class TopKEncode(torch.autograd.Function):
 class TopKDecode(torch.autograd.Function):
     """``(vals [N, K], idx [N, K], W_dec [n, d]) -> x_hat [N, d] = sum_j vals_ij W_dec[idx_ij]`` (no bias).
 
-    Forward is ``embedding_bag``; the backward is the sparse one of the module docstring. At K = 288 (an
-    AuxK batch) it takes 240 ms where ``embedding_bag``'s own backward takes 350 ms (8192 rows, d = 576)."""
+    Forward is the op ``saehook::decode`` (``embedding_bag`` on CPU, a Triton kernel on CUDA); the backward is
+    the sparse one of the module docstring. At K = 288 (an AuxK batch) it takes 240 ms on CPU where
+    ``embedding_bag``'s own backward takes 350 ms (8192 rows, d = 576)."""
 
     @staticmethod
     def forward(ctx, vals, idx, W_dec):
-        """``embedding_bag`` over the K rows of ``W_dec`` each row selects, weighted by ``vals``."""
+        """The K rows of ``W_dec`` each row selects, weighted by ``vals`` and summed (``ops.decode``)."""
         ctx.save_for_backward(vals, idx, W_dec)
         return ops.decode(vals, idx, W_dec)
 
     @staticmethod
     def backward(ctx, grad_out):
-        """``dvals = <grad_i, W_dec[idx_ij]>`` (sampled_addmm), ``dW_dec = Z^T grad`` (CSR product)."""
+        """``dvals = <grad_i, W_dec[idx_ij]>`` (``ops.sampled_dots``), ``dW_dec = Z^T grad`` (``ops.scatter_rows``)."""
         vals, idx, W_dec = ctx.saved_tensors
         N, K = idx.shape
         grad_out = grad_out.contiguous()
