@@ -13,6 +13,7 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import corpus, envoy, formats, hub
 from .ablation import ablation_sparsity
+from .batchtopk import BatchTopKSAE
 from .config import TrainConfig
 from .corpus import Corpus
 from .evaluate import EvalReport, evaluate
@@ -20,6 +21,7 @@ from .formats import FormatError, load
 from .hooks import Hooked, attach
 from .jumprelu import JumpReLUSAE
 from .layernorm_sae import LayerNormTopKSAE, LNCodes
+from .matryoshka import MatryoshkaBatchTopKSAE
 from .models import load_model
 from .probe import probe_loss
 from .sae import Codes, SAEConfigError, SAEOutput, TopKSAE, fvu, geometric_median
@@ -27,12 +29,14 @@ from .trainer import NonFiniteError, SAETrainer
 from .training import TrainReport
 
 __all__ = [
+    "BatchTopKSAE",
     "Codes",
     "Corpus",
     "EvalReport",
     "FormatError",
     "LNCodes",
     "LayerNormTopKSAE",
+    "MatryoshkaBatchTopKSAE",
     "Hooked",
     "JumpReLUSAE",
     "NonFiniteError",

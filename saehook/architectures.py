@@ -15,6 +15,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "jumprelu": ("saehook.jumprelu", "JumpReLUSAE"),
     "transcoder": ("saehook.transcoder", "Transcoder"),
     "skip_transcoder": ("saehook.transcoder", "SkipTranscoder"),
+    "batchtopk": ("saehook.batchtopk", "BatchTopKSAE"),
+    "matryoshka_batchtopk": ("saehook.matryoshka", "MatryoshkaBatchTopKSAE"),
 }
 """``{architecture: (module, class name)}`` of the classes :func:`class_for` returns."""
 

@@ -71,6 +71,10 @@ class SAEOutput(NamedTuple):
     penalty: Tensor | None = None
     """A scalar the variant adds to its training loss beyond reconstruction (e.g. :class:`~saehook.JumpReLUSAE`'s
     L0 penalty ``sparsity_coef * mean L0``), added as is by :class:`~saehook.SAETrainer`; None: nothing."""
+    recon_loss: Tensor | None = None
+    """The reconstruction term training minimises in place of ``fvu``, for a variant that trains on more than its
+    final reconstruction (e.g. :class:`~saehook.matryoshka.MatryoshkaBatchTopKSAE`: the mean of its prefixes'
+    FVUs); None: ``fvu`` itself."""
 
 
 class SAEConfigError(ValueError):

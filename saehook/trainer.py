@@ -4,6 +4,7 @@ Per step, for rows ``x [N, d]``:
 
     loss = fvu(x, x_hat) + auxk_coef * auxk_fvu + multi_topk_coef * fvu(x, x_hat_4k)
            + out.penalty      (a variant's own term when it returns one: e.g. JumpReLU's L0 penalty)
+    (a variant's ``out.recon_loss``, when it returns one, replaces ``fvu(x, x_hat)``: e.g. Matryoshka's prefixes)
     g(W_dec) <- g - (g . w) w  for each unit decoder row w      (remove the parallel component)
     Adam(betas, eps) step; W_dec rows renormalised to unit norm; optional weight EMA
 
@@ -184,7 +185,7 @@ class SAETrainer:
         dead = self.dead_mask if cfg.auxk else None
         kw = dict(dead_mask=dead, k_aux=self.k_aux, matmul_dtype=getattr(torch, self.matmul_dtype))
         out = self._run(acts, **kw)
-        loss = fvu_coef * out.fvu
+        loss = fvu_coef * (out.fvu if out.recon_loss is None else out.recon_loss)  # recon_loss: a variant's own
         if out.auxk_fvu is not None:
             loss = loss + cfg.auxk_coef * out.auxk_fvu
         if out.multi_topk_fvu is not None:
@@ -249,7 +250,7 @@ class SAETrainer:
             all_reduce(counts)
             n_rows, n_active = int(counts[0]), int(counts[1])
             out = out._replace(**{f: all_reduce(getattr(out, f).detach().clone())
-                                  for f in ("fvu", "auxk_fvu", "multi_topk_fvu", "penalty")
+                                  for f in ("fvu", "auxk_fvu", "multi_topk_fvu", "recon_loss", "penalty")
                                   if getattr(out, f) is not None})
             loss = all_reduce(loss.detach().clone())
         return fired, n_rows, n_active, out, loss
@@ -276,6 +277,8 @@ class SAETrainer:
                 m["multi_topk_fvu"] = float(out.multi_topk_fvu.detach())
             if out.penalty is not None:
                 m["penalty"] = float(out.penalty.detach())
+            if out.recon_loss is not None:
+                m["recon_loss"] = float(out.recon_loss.detach())
         if out is not None and acts is not None:  # per token, so one dominant channel cannot hide the error
             with torch.no_grad():  # three row norms; cos from them: (|x|^2 + |x_hat|^2 - |x - x_hat|^2) / 2|x||x_hat|
                 x = acts.float()[..., acts.shape[-1] - self.sae.d_in:]  # a transcoder's target: its output half
