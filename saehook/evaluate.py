@@ -242,10 +242,12 @@ class _HookpointStats:
 
     @torch.no_grad()
     def add(self, x: Tensor) -> Tensor:
-        """``x [n, d]``: evaluated rows of the clean activation. Returns ``||x - x_hat|| [n]`` (float64)."""
+        """``x [n, d]``: evaluated rows of the clean activation (a transcoder's: its module's input and output side by
+        side, ``[n, 2d]``, measured on the output). Returns ``||x - x_hat|| [n]`` (float64)."""
         x = x.to(self.sae.W_enc.dtype)
         codes = self.sae.encode(x)
         x_hat = self.sae.decode(codes)
+        x = x[..., x.shape[-1] - self.sae.d_in:]  # what x_hat predicts: the activation, or a transcoder's output
         on = codes.values > 0
         xd, hd = x.double(), x_hat.double()
         ed = xd - hd
@@ -364,8 +366,8 @@ class _Evaluation:
             x = run.acts[key]
             err = self.stats[key].add(x[evaluated] if x.dim() == 3 else x)
             self.mean_saes[key].b_dec.copy_(self.stats[key].mean.to(self.mean_saes[key].b_dec.device))
-            if self.control:
-                self._random_error(key, x, evaluated, err)
+            if self.control:  # around the activation the autoencoder predicts (a transcoder's: the output half)
+                self._random_error(key, x[..., x.shape[-1] - self.hooked.saes[key].d_in:], evaluated, err)
         del run
         self.totals["clean"] += float(ce_clean.sum())
         self.totals["n"] += int(ce_clean.numel())

@@ -103,6 +103,17 @@ def test_trained_online_from_the_single_forward_pass(tmp_path):
             handle.remove()
     torch.testing.assert_close(seen[1] - seen[0], (3.0 * tc.W_dec[5] / tc.output_scale).expand_as(seen[0]),
                                atol=1e-5, rtol=1e-5)
+    # saehook.evaluate measures it on the MLP's output: its FVU is the one computed here from the output rows
+    held = source(2, seed=5)
+    rep = saehook.evaluate(model, {MLP: tc}, held, ablations=False)[MLP]
+    with saehook.attach(model, {MLP: tc}) as hooked:
+        pairs = [hooked.run(ids, skip_positions=1) for ids in held]
+    xy = torch.cat([r.acts[MLP][r.valid] for r in pairs])
+    y = xy[:, 32:]
+    with torch.no_grad():
+        fvu = float((y - tc.decode(tc.encode(xy))).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert rep["fvu"] == pytest.approx(fvu, rel=1e-4) and rep["fvu"] < 0.9  # held out: 0.786
+    assert rep["tokens"] == len(y) and rep["delta_lm_loss"] is not None
     loaded = saehook.load(tmp_path / "run" / MLP)
     assert type(loaded) is Transcoder and float(loaded.output_scale) == float(tc.output_scale) != 1.0
     torch.testing.assert_close(loaded.W_dec, tc.W_dec)
