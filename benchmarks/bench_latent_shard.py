@@ -34,6 +34,7 @@ with ``ring(b) = 2 (S-1)/S b`` (a ring all-reduce) and ``gather(b) = (S-1) b`` (
     + ring(4 d)                                  b_dec's encoder gradient
     + ring(8)                                    the global count of dead latents (every step, AuxK on)
     + [AuxK] gather(4 N k_aux) * 2 + ring(4 N d) the dead latents' candidates and their reconstruction
+                                                 (k_aux clamped to the number of dead latents)
     + ring(8)                                    the dead fraction in the step's metrics (not in Traffic)
 
 **big**: n = 2^19, d = 576, k = 32, 4 ranks (S = 4), ``--big-steps`` steps of ``--big-rows`` rows of SmolLM2
@@ -160,9 +161,10 @@ def worker(a) -> None:
     g = torch.Generator().manual_seed(0)
     out: dict = {"rank": rank, "shards": S, "n": a.n, "threads": torch.get_num_threads()}
 
-    def trainer_for(n, rows, steps, **cfg):
+    def trainer_for(n, rows, steps, init=None, **cfg):
         sae = ShardedTopKSAE(d, n, k, layout, seed=0)
-        tr = ShardedTrainer(sae, TrainConfig(batch_tokens=rows, init_samples=rows, **cfg), total_tokens=rows * steps)
+        cfg = TrainConfig(batch_tokens=rows, init_samples=init or rows, **cfg)
+        tr = ShardedTrainer(sae, cfg, total_tokens=rows * steps)
         return sae, tr
 
     if a.part == "mem":  # one rank process for every n, smallest first; freed memory handed back in between
@@ -199,19 +201,23 @@ def worker(a) -> None:
         for _ in range(20):
             D.barrier()
         out["barrier_lo_bytes"] = (lo_tx() - lo0) / 20  # what one barrier adds to lo (all ranks together)
-        steps = []
+        steps, n_dead = [], 0  # the step's dead latents: the previous step's dead_frac (exact: a count / n)
         for x in batches:
             D.barrier()
             lo, Traffic.bytes_sent = lo_tx(), 0
             m = tr.step(x)
             sent = Traffic.bytes_sent
             D.barrier()
-            steps.append({"traffic": sent, "lo": lo_tx() - lo, "auxk": "auxk_fvu" in m, "fvu": m["fvu"]})
+            steps.append({"traffic": sent, "lo": lo_tx() - lo, "auxk": "auxk_fvu" in m, "fvu": m["fvu"],
+                          "n_dead": n_dead})
+            n_dead = round(m["dead_frac"] * a.n[0])
         out.update(steps=steps, k_aux=tr.k_aux)
     else:  # big
-        sae, tr = trainer_for(a.n[0], a.rows, a.steps)
-        tr.initialize(read_rows(a.activations, 0, min(tr.init_rows, 32768), d))
-        base = status_kib("VmRSS")
+        sample = read_rows(a.activations, 0, min(a.rows * a.steps, 32768), d)  # the init's rows: the run's
+        base = status_kib("VmRSS")  # before the build: the share is everything the autoencoder and its steps add
+        sae, tr = trainer_for(a.n[0], a.rows, a.steps, init=len(sample))
+        tr.initialize(sample)
+        del sample
         steps = []
         D.barrier()
         t0 = time.perf_counter()
@@ -302,13 +308,15 @@ def part_comm(a, tmp: Path) -> list[dict]:
             idx = [i for i, s in enumerate(ranks[0]["steps"]) if s["auxk"] == auxk]
             if not idx:
                 continue
-            f_shard, f_tr = traffic_formula(a.comm_rows, a.d, a.k, S, k_aux, auxk)
+            per_step = [traffic_formula(a.comm_rows, a.d, a.k, S, min(k_aux, ranks[0]["steps"][i]["n_dead"]), auxk)
+                        for i in idx]  # k_aux is clamped to the dead latents there are
+            f_shard, f_tr = (sum(f[j] for f in per_step) / len(idx) for j in (0, 1))
             counted = sum(r["steps"][i]["traffic"] for r in ranks for i in idx) / (len(ranks) * len(idx))
             lo = (sum(ranks[0]["steps"][i]["lo"] for i in idx) / len(idx) - barrier) / S
             rec = {"S": S, "auxk": auxk, "steps": len(idx), "k_aux": k_aux, "formula": f_shard, "trainer": f_tr,
                    "traffic": counted, "loopback": lo, "barrier_lo_bytes": barrier, "isolated": isolate}
             res.append(rec)
-            print(f"| {S} | {'yes, k_aux = ' + str(k_aux) if auxk else 'no'} | {f_shard:,} | {f_tr:,} | "
+            print(f"| {S} | {'yes, k_aux = ' + str(k_aux) if auxk else 'no'} | {f_shard:,.0f} | {f_tr:,.0f} | "
                   f"{counted:,.0f} | {lo:,.0f} | {counted / f_shard:.4f} | {lo / (f_shard + f_tr):.4f} |",
                   flush=True)
     return res
@@ -353,7 +361,7 @@ def part_big(a, tmp: Path) -> dict:
     print(f"\n### n = 2^{a.big_n} = {n:,} latents, d = {a.d}, k = {a.k}, S = {a.big_shards} ranks, "
           f"{a.big_steps} steps of {a.big_rows} rows ({acts.name})\n")
     print("| tokens/s (steps 2..) | s/step | wall (all steps) | FVU step 1 | FVU last step | L0 last | "
-          "peak RSS per rank (MiB) | autoencoder share per rank: measured / model (MiB) |")
+          "peak RSS per rank (MiB) | share per rank: peak - RSS before the build, largest / model (MiB) |")
     print("|---|---|---|---|---|---|---|---|")
     share = max((r["peak_kib"] - r["base_kib"]) / 1024 for r in ranks)
     print(f"| {rec['tokens_per_s']:,.0f} | {s_step:.2f} | {wall:.0f} s | {rec['fvu_first']:.4f} | "
