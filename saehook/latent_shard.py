@@ -1,6 +1,6 @@
 """One TopK autoencoder split over processes by its latents: the paper's path to 16M latents.
 
-The ranks form a ``replicas x shards`` grid (a :class:`torch.distributed.device_mesh.DeviceMesh` with
+The ranks form a ``replicas x shards`` grid (a ``torch.distributed.device_mesh.DeviceMesh`` with
 dimensions ``("replica", "shard")``; rank ``= r * S + s``). The ``S`` ranks of a replica (its *shard group*)
 hold one autoencoder between them: shard ``s`` owns latents ``[s n/S, (s+1) n/S)``, their rows of ``W_enc``,
 ``b_enc``, ``W_dec``, their Adam state and dead-latent counters; ``b_dec`` and the input scale are replicated.
@@ -197,7 +197,9 @@ class ShardedTopKSAE(nn.Module):
         n_latents: latents of the whole autoencoder (a multiple of ``layout.shards``).
         k: active latents per row (at most ``n_latents / S``).
         layout: from :func:`make_layout`.
-        multi_topk, dtype, device: as for :class:`~saehook.TopKSAE`.
+        multi_topk: as for :class:`~saehook.TopKSAE`.
+        dtype: as for :class:`~saehook.TopKSAE`.
+        device: as for :class:`~saehook.TopKSAE`.
         seed: seeds this shard's random init (``seed * 65537 + shard``); None = torch's global generator.
 
     Raises ``SAEConfigError`` for sizes that do not split.

@@ -3,8 +3,8 @@ grid needs.
 
 Per step, on shard ``s`` of replica ``r`` (every rank of a replica holds the same ``N`` rows):
 
-- the forward and the loss are :meth:`saehook.ShardedTopKSAE.forward`'s (the FVU's denominator summed over the
-  replicas, so ``R`` replicas of ``N`` rows equal one process with ``R N`` rows);
+- the forward and the loss are :meth:`saehook.latent_shard.ShardedTopKSAE.forward`'s (the FVU's denominator summed
+  over the replicas, so ``R`` replicas of ``N`` rows equal one process with ``R N`` rows);
 - the gradients of each shard's rows are summed over the replicas (``b_dec``'s too, already summed over the shards);
 - Adam, the decoder projection and renormalisation are row-local: no communication;
 - dead-latent counters are kept per shard for its own latents, the firings summed over the replicas;
@@ -106,6 +106,7 @@ class ShardedTrainer(SAETrainer):
         return fired, n_rows, n_active, out, loss
 
     def dead_fraction(self) -> float:
+        """Fraction of the whole autoencoder's latents that are dead (the shards' counts summed over the group)."""
         n_dead = torch.tensor([int(self.dead_mask.sum())], dtype=torch.long)
         if self.layout.shard_group is not None:
             D.all_reduce(n_dead, group=self.layout.shard_group)
