@@ -342,7 +342,7 @@ def test_new_options_round_trip_through_checkpoint_and_resume(tmp_path, kw):
     cfg = small_cfg(**{"checkpoint_every": 7, **kw})
     full = train_tiny(tmp_path / "a", source(60), cfg)
     saved = json.loads((tmp_path / "a" / "train_config.json").read_text())
-    run_keys = ("tokens", "world", "shard", "matmul_dtype_used", "e2e_fraction_used")
+    run_keys = ("tokens", "world", "shard", "shards", "matmul_dtype_used", "e2e_fraction_used")
     assert TrainConfig.from_dict({k: v for k, v in saved.items() if k not in run_keys}) == cfg
     with pytest.raises(Interrupt):
         train_tiny(tmp_path / "b", dying(17), cfg)
