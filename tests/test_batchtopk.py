@@ -277,3 +277,24 @@ def test_hooked_train_on_a_tiny_model(cls, tmp_path):
     assert all(m["l0"] == pytest.approx(4.0, rel=0.05) for m in report.history)
     saved = saehook.load(tmp_path / "model.layers.1")
     assert type(saved) is cls and float(saved.threshold) > 0 and torch.equal(saved.W_dec, sae.W_dec)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_saelens_export_is_a_jumprelu_at_the_threshold_and_sparsify_refuses(cls, tmp_path):
+    from saehook.formats import FormatError, save_saelens, save_sparsify
+
+    sae, _ = trained(cls, steps=20, k_max=10)
+    sae.fit_threshold_(sparse_rows(256, seed=5)[0])
+    x, _ = sparse_rows(256, seed=6)  # other rows: none sits exactly at theta (log / exp would round it either way)
+    assert abs(float(sae.input_scale) - 1) > 0.1  # a scale to fold: the pre-activations, so theta, must not change
+    save_saelens(sae, tmp_path / "lens")
+    back = saehook.load(tmp_path / "lens")
+    assert type(back) is saehook.JumpReLUSAE and back.k == 10
+    a, b = sae.encode(x), back.encode(x)
+    dense = [torch.zeros(256, 128).scatter_add(-1, c.indices, c.values.detach()) for c in (a, b)]
+    torch.testing.assert_close(dense[1], dense[0], rtol=1e-4, atol=1e-4)
+    assert float((dense[0] > 0).sum(-1).float().mean()) > 2.5  # real codes (L0 near k = 4), not empty ones
+    with pytest.raises(FormatError, match="sparsify has no thresholded"):
+        save_sparsify(sae, tmp_path / "sp")
+    with pytest.raises(FormatError, match="fit_threshold_"):
+        save_saelens(cls(8, 16, 2), tmp_path / "untrained")

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic
+from ..batchtopk import BatchTopKSAE
 from ..jumprelu import JumpReLUSAE
 from ..sae import TopKSAE
 from ._common import (
@@ -233,7 +234,10 @@ def save_saelens(sae: TopKSAE, path: str | os.PathLike, *, hook_name: str | None
     folded the same way, channel by channel (``W_enc diag(s)``, ``W_dec diag(1/s)``, ``b_dec / s``). A
     :class:`~saehook.formats.LayerNormTopKSAE` is written with ``normalize_activations: "layer_norm"``.
     A :class:`~saehook.JumpReLUSAE` is written as ``architecture: "jumprelu"`` with ``threshold = exp(log_threshold)``
-    and its cap as ``k`` (which SAELens ignores; its bandwidth and sparsity coefficient are not written).
+    and its cap as ``k`` (which SAELens ignores; its bandwidth and sparsity coefficient are not written). A
+    :class:`~saehook.BatchTopKSAE` (or Matryoshka) is written as SAELens writes its own BatchTopK ones, a
+    ``jumprelu`` whose every threshold is the inference ``threshold`` (the folds leave pre-activations unchanged),
+    with ``k = k_max``: it loads back as a :class:`~saehook.JumpReLUSAE` with the same codes.
     ``hook_name`` / ``model_name`` default to the autoencoder's metadata; ``hook_layer`` to the number in a
     ``blocks.<n>.`` hook name. Both files are written as one unit (:func:`saehook.atomic.write_folder`): a
     failed save leaves the previous contents of ``path``.
@@ -247,14 +251,19 @@ def save_saelens(sae: TopKSAE, path: str | os.PathLike, *, hook_name: str | None
     W_enc, b_enc, W_dec, b_dec = folded_weights(sae)
     layernorm = isinstance(sae, LayerNormTopKSAE)
     tensors = {"W_enc": W_enc.T.contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-    jump = isinstance(sae, JumpReLUSAE)
+    batch = isinstance(sae, BatchTopKSAE)  # as SAELens saves its own BatchTopK: a jumprelu at the inference threshold
+    if batch and float(sae.threshold) < 0:
+        raise FormatError(f"this {type(sae).__name__} has no inference threshold yet (threshold < 0), so SAELens could "
+                          "not run it; train it or call sae.fit_threshold_(x) on a sample first")
+    jump = isinstance(sae, JumpReLUSAE) or batch
     if jump:
-        tensors["threshold"] = sae.threshold.detach().to("cpu", W_enc.dtype).contiguous()
+        theta = sae.threshold.expand(sae.n_latents) if batch else sae.threshold
+        tensors["threshold"] = theta.detach().to("cpu", W_enc.dtype).contiguous()
     cfg = {
         "architecture": "jumprelu" if jump else "topk",
         "d_in": sae.d_in,
         "d_sae": sae.n_latents,
-        "k": sae.k,
+        "k": sae.k_max if batch else sae.k,
         "activation_fn_str": "relu" if jump else "topk",
         "activation_fn_kwargs": {} if jump else {"k": sae.k},
         "apply_b_dec_to_input": True,

@@ -135,16 +135,21 @@ def save_sparsify(sae: TopKSAE, path: str | os.PathLike) -> Path:
     weights (``encoder.weight = W_enc diag(s)``, ``W_dec diag(1/s)``, ``b_dec / s``; see "EleutherAI sparsify"
     in docs/formats.md): latents and reconstructions are unchanged.
     ``normalize_decoder`` is written true only if the (folded) decoder rows have unit norm, since sparsify
-    renormalises them after every training step. A layer-norm autoencoder cannot be represented: error.
+    renormalises them after every training step. A layer-norm or a BatchTopK autoencoder cannot be represented: error.
     Both files are written as one unit (:func:`saehook.atomic.write_folder`): a failed save leaves the previous
     contents of ``path``.
     """
+    from ..batchtopk import BatchTopKSAE
     from .layernorm import LayerNormTopKSAE
 
     if isinstance(sae, LayerNormTopKSAE):
         raise FormatError("sparsify has no per-row layer-norm input normalisation, so this LayerNormTopKSAE cannot "
                           "be written in its format without changing its outputs; use save_saelens (layer_norm) "
                           "or sae.save")
+    if isinstance(sae, BatchTopKSAE):
+        raise FormatError(f"sparsify has no thresholded (BatchTopK) autoencoder, and its per-row TopK would change "
+                          f"this {type(sae).__name__}'s codes; use save_saelens (a jumprelu at its threshold) or "
+                          "sae.save")
     if sae.transcoder:
         tensors = _transcoder_tensors(sae)
         W_enc, b_enc, W_dec, b_dec = (tensors[n] for n in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"))
