@@ -88,6 +88,9 @@ def make_layout(shards: int | None = None, device: torch.device | str = "cpu") -
     """The grid for the current process group (joined by :func:`saehook.distributed.setup`): ``shards`` ranks per
     autoencoder (default: every rank, one replica). Raises ``ValueError`` when ``shards`` does not divide the
     world size."""
+    if not dist.is_initialized():
+        raise RuntimeError("latent sharding needs a process group: launch with torchrun / accelerate launch and call "
+                           "saehook.distributed.setup() first (hooked.train does)")
     world, rank = dist.get_world_size(), dist.get_rank()
     shards = world if shards is None else shards
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1 or world % shards:

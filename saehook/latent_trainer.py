@@ -63,13 +63,9 @@ class ShardedTrainer(SAETrainer):
         group = self.layout.replica_group
         if group is None:
             return
-        params = [p for p in self.sae.parameters() if p.grad is not None]
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        D.all_reduce(flat, group=group)
-        at = 0
-        for p in params:
-            p.grad.copy_(flat[at:at + p.numel()].view_as(p.grad))
-            at += p.numel()
+        for p in self.sae.parameters():  # in place, one parameter at a time: no gradient-sized copy
+            if p.grad is not None:
+                D.all_reduce(p.grad, group=group)
 
     @torch.no_grad()
     def _clip_grads(self, max_norm: float) -> None:
