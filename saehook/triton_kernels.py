@@ -15,7 +15,7 @@ kernel on GPUs; fp32 accumulation whatever the storage dtype (fp32, fp16, bf16):
 Importing this module needs ``triton`` (an optional dependency: :mod:`saehook.ops` imports it only on the
 first CUDA call). ``TRITON_INTERPRET=1``, set before the import, runs the same kernels on CPU tensors
 (``tests/scripts/triton_interpret.py``); the interpreter handles fp32 and fp16 but not bf16 (measured
-with triton 3.9: a bf16 load reads zeros), so bf16 is exercised on GPUs only. Indices must be in
+with triton 3.9: a bf16 load-scale-store kernel returned zeros), so bf16 runs on GPUs only. Indices must be in
 ``[0, n)`` (the callers' top-k guarantees it); inputs may have any strides.
 """
 

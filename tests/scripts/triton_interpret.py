@@ -4,7 +4,7 @@ tensors, against an fp64 reference. Prints one JSON object: {case name: [max abs
 
 Cases: several K (1, 4, 8), repeated latents within a row and one latent chosen by every row (ties for
 the scatter's segments), latents no row picks (zero rows), non-contiguous inputs (transposed views, a
-column slice, strided index rows), fp32 and fp16 (the interpreter reads bf16 as zeros, so bf16 is not
+column slice, strided index rows), fp32 and fp16 (a bf16 kernel under the interpreter returned zeros, so bf16 is not
 run here), and d not a multiple of the column block.
 """
 
