@@ -114,6 +114,7 @@ def agreement(args, device: torch.device) -> dict:
         sync(dev)
         runs[key] = (out, {name: p.grad.cpu() for name, p in sae.named_parameters()})
     (o_c, g_c), (o_d, g_d) = runs["cpu"], runs["device"]
+    o_c, o_d = (o._replace(fvu=o.fvu.detach(), auxk_fvu=o.auxk_fvu.detach()) for o in (o_c, o_d))
     same = (o_c.codes.indices.sort(-1).values == o_d.codes.indices.cpu().sort(-1).values).all(-1)
     return {"n": n, "d": d, "tokens": N, "fvu_cpu": float(o_c.fvu),
             "fvu_abs_diff": abs(float(o_c.fvu) - float(o_d.fvu)),
