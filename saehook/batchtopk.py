@@ -60,7 +60,8 @@ class BatchTopKSAE(TopKSAE):
         k: average number of active latents per row (the batch keeps ``k * B`` in training).
         k_max: the code width, the most latents one row may hold (default ``min(4k, n_latents)``).
         multi_topk: must be False (a per-row TopK option); raises ``SAEConfigError`` otherwise.
-        dtype, device: of the parameters (float32, CPU).
+        dtype: of the parameters (default float32).
+        device: of the parameters (default CPU).
 
     Parameters and ``input_scale`` as :class:`~saehook.TopKSAE`; buffer ``threshold`` (a scalar, normalised
     units). Raises ``SAEConfigError`` for sizes that do not fit (``k <= k_max <= n_latents``).
@@ -202,7 +203,7 @@ class BatchTopKSAE(TopKSAE):
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None) -> BatchTopKSAE:
         """:meth:`TopKSAE.load` (every check, the ``threshold`` buffer included), then ``k_max`` from ``cfg.json``
-        (and what :meth:`_read_config` adds)."""
+        (and what ``_read_config`` adds)."""
         sae = super().load(path, device=device, dtype=dtype)
         cfg = json.loads((atomic.committed(path) / CFG_NAME).read_text())  # valid: TopKSAE.load has read it
         sae._read_config(cfg, atomic.committed(path) / CFG_NAME)

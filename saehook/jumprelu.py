@@ -126,7 +126,8 @@ class JumpReLUSAE(TopKSAE):
         threshold_init: initial ``theta`` of every latent, in normalised units; None = the paper's 0.001 times
             ``sqrt(d_in)``. A larger one starts sparser: the log parameterisation moves ``theta`` by about a
             factor ``exp(lr)`` per Adam step, so a short run travels only a few e-folds.
-        dtype, device: of the parameters.
+        dtype: of the parameters (default float32).
+        device: of the parameters (default CPU).
 
     Parameters: those of :class:`~saehook.TopKSAE` plus ``log_threshold [n_latents]`` (``theta = exp`` of it).
     Raises ``SAEConfigError`` for a bad size, bandwidth, coefficient or threshold.

@@ -40,8 +40,10 @@ def default_prefixes(n_latents: int) -> list[int]:
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     """A Matryoshka BatchTopK autoencoder (see the module docstring for the math and the loss).
 
+    Arguments ``d_in``, ``n_latents``, ``k``, ``k_max``, ``multi_topk``, ``dtype`` and ``device`` are as for
+    :class:`~saehook.batchtopk.BatchTopKSAE`.
+
     Args:
-        d_in, n_latents, k, k_max, multi_topk, dtype, device: as :class:`~saehook.batchtopk.BatchTopKSAE`.
         prefixes: the nested dictionary sizes, strictly increasing positive integers ending at ``n_latents``
             (default :func:`default_prefixes`); raises ``SAEConfigError`` otherwise.
     """
