@@ -17,10 +17,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers is imported where a model is loaded: `import saehook` stays light (~3 s less)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .hardware import auto_dtype, fast_bf16  # noqa: F401  (their home before saehook.hardware)
 
@@ -87,6 +89,8 @@ def _sweep_stale_builds(root: Path) -> None:
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are de-quantized to float32; drop the GGUF quantizer so save_pretrained accepts it.
@@ -249,6 +253,8 @@ def load_model(
             kwargs["cache_dir"] = cache_dir
         _check_source(name, kwargs)
     tokenizer_kwargs = {k: kwargs[k] for k in _SHARED_KWARGS if k in kwargs}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
     model.eval()
