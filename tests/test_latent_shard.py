@@ -139,10 +139,15 @@ def test_hooked_train_sharded_by_latents_equals_one_process(latent_runs):
 def test_latent_sharded_resume_equals_uninterrupted_and_refuses_another_layout(latent_runs, tmp_path):
     out = tmp_path / "resumed"
     train_run(out, "--shard", "latents", "--tokens", "2048")  # 4 steps, checkpointed at step 4
-    r = train_run(out, "--shard", "data", "--resume", check=False)
-    assert r.returncode != 0
-    assert "was written by 2 rank(s) with shards=2, shard='latents'; resume with the same layout (now 2 rank(s) " \
-           "with shard='data')" in r.stderr
+    from conftest import tiny_model
+
+    import saehook  # another layout is refused naming both (here one process, shard="data": no launch needed)
+    from saehook.session import TrainingSession
+
+    with saehook.attach(tiny_model("llama", layers=4), {1: TopKSAE(32, 128, 4)}) as hooked:
+        with pytest.raises(ValueError, match=r"was written by 2 rank\(s\) with shards=2, shard='latents'; resume "
+                                             r"with the same layout \(now 1 rank\(s\) with shard='data'\)"):
+            TrainingSession(hooked, saehook.TrainConfig(batch_tokens=512)).load(out)
     train_run(out, "--shard", "latents", "--resume")  # on to 4096 tokens
     assert_close_saes(TopKSAE.load(out / "model.layers.1"), TopKSAE.load(latent_runs / "sharded" / "model.layers.1"),
                       1e-5)
