@@ -228,3 +228,23 @@ def test_plot_density(tmp_path):
     png = plot_density(density, tmp_path / "d" / "density.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plot_density(torch.zeros(3), tmp_path / "dead.png")  # all dead: nothing to histogram, still a figure
+
+
+def test_dictionary_variants_and_a_transcoder_get_a_dashboard(tmp_path):
+    """BatchTopK, JumpReLU and a transcoder (its latents: codes of the MLP's input) through the same dashboard."""
+    from saehook import BatchTopKSAE, JumpReLUSAE
+    from saehook.transcoder import Transcoder
+
+    model = tiny_model("llama")
+    tok, _ = make_tokenizer()
+    torch.manual_seed(0)
+    saes = {0: BatchTopKSAE(32, 64, 4), 1: JumpReLUSAE(32, 64, 8, threshold_init=1e-3),
+            "model.layers.2.mlp": Transcoder(32, 64, 4)}
+    index = build_dashboard(saes, tmp_path / "dash", model, tok, token_batches(0, 6), tokens=300, score_tokens=300,
+                            n_latents_shown=4, n_explained=2, n_examples=4)
+    summary = json.loads((tmp_path / "dash" / "summary.json").read_text())
+    assert sorted(summary["hookpoints"]) == ["0", "1", "model.layers.2.mlp"]
+    for key, entry in summary["hookpoints"].items():
+        assert entry["tokens"] >= 300 and entry["shown"] == 4, key
+        assert len(list((tmp_path / "dash" / entry["dir"]).glob("latent-*.html"))) == 4, key
+    assert index.is_file()
