@@ -40,10 +40,11 @@ p.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64])
 p.add_argument("--jumprelu-coefs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2],
                help="JumpReLU sparsity coefficients (three sparsities)")
 p.add_argument("--jumprelu-cap", type=int, default=256, help="JumpReLU's cap of active latents per row")
-p.add_argument("--jumprelu-threshold-init", type=float, default=2.0,
+p.add_argument("--jumprelu-threshold-init", type=float, nargs="+", default=[2.0],
                help="JumpReLU's initial threshold (normalised units, where pre-activations start ~N(0, 1): 2.0 lets "
                     "about 2%% of the latents through at init; the default 0.024 lets half through, and log-space "
-                    "thresholds move only a few e-folds in a short run)")
+                    "thresholds move only a few e-folds in a short run); several values: a member per coefficient "
+                    "and initial threshold")
 p.add_argument("--tokens", type=parse_count, default=parse_count("1M"), help="training rows per member")
 p.add_argument("--activations", type=Path, default=None, help="safetensors file with rows [N, d] of the layer")
 p.add_argument("--context", type=int, default=128)
@@ -86,8 +87,9 @@ for k in args.ks:
     members[f"batchtopk-k{k}"] = saehook.BatchTopKSAE(d, n, k)
     members[f"matryoshka-k{k}"] = saehook.MatryoshkaBatchTopKSAE(d, n, k)
 for c in args.jumprelu_coefs:
-    members[f"jumprelu-{c:g}"] = saehook.JumpReLUSAE(d, n, args.jumprelu_cap, sparsity_coef=c,
-                                                     threshold_init=args.jumprelu_threshold_init)
+    for t in args.jumprelu_threshold_init:
+        name = f"jumprelu-{c:g}" + (f"-init{t:g}" if len(args.jumprelu_threshold_init) > 1 else "")
+        members[name] = saehook.JumpReLUSAE(d, n, args.jumprelu_cap, sparsity_coef=c, threshold_init=t)
 if args.only:
     members = {name: sae for name, sae in members.items() if name in args.only}
 cfg = saehook.TrainConfig(e2e_fraction=0)
