@@ -205,9 +205,6 @@ def train(hooked, source, tokens: int | str, config: TrainConfig | None = None, 
     asked, cfg = cfg, replace(cfg, e2e_fraction=cfg.e2e_fraction_for(live=dist is None))
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
     main = rank == 0
-    if shard == "latents" and dist is None:
-        raise ValueError("shard='latents' splits each autoencoder over several processes: launch with torchrun or "
-                         "accelerate launch (one process trains whole autoencoders)")
     session = TrainingSession(hooked, cfg, total_tokens=tokens, stop_early=True, dist=dist, shard=shard,
                               shards=shards)
     position = session.load(out) if resume else 0
