@@ -73,3 +73,16 @@ def dying(n):
         if i == n:
             raise Interrupt
         yield b
+
+
+def module_output(module, run):
+    """What ``module`` outputs (its first element when it returns a tuple, detached) while ``run()`` runs: a user's
+    own forward hook, registered after saehook's, so it sees what flows downstream. One output per call, in order."""
+    outs = []
+    handle = module.register_forward_hook(
+        lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o).detach()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return outs

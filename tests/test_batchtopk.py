@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import source, tiny_model
+from conftest import module_output, source, tiny_model
 
 import saehook
 from saehook import BatchTopKSAE, MatryoshkaBatchTopKSAE, SAEConfigError, SAETrainer, TrainConfig
@@ -232,27 +232,15 @@ def test_attach_records_steers_and_evaluates(cls):
     torch.manual_seed(0)
     sae = cls(32, 64, 4)
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    clean = []
-    h = model.model.layers[1].register_forward_hook(lambda m, a, o: clean.append(o[0] if isinstance(o, tuple) else o))
-    try:
-        model(ids)
-    finally:
-        h.remove()
-    x = clean[0].detach()
+    x = module_output(model.model.layers[1], lambda: model(ids))[0]
     sae.set_input_scale_(x.reshape(-1, 32))
     sae.train()(x.reshape(-1, 32))  # one training batch: a threshold
     assert float(sae.threshold) > 0
     with saehook.attach(model, {1: sae}) as hooked:
         model(ids)
         rec = hooked.latents[1]
-        steered = []
-        h = model.model.layers[1].register_forward_hook(lambda m, a, o: steered.append(o[0] if isinstance(o, tuple)
-                                                                                          else o))
-        try:
-            with hooked.steer({1: {5: 8.0}}):
-                model(ids)
-        finally:
-            h.remove()
+        with hooked.steer({1: {5: 8.0}}):
+            steered = module_output(model.model.layers[1], lambda: model(ids))
     want = sae.encode(x)
     assert rec.values.shape == (2, 12, sae.k_max)
     torch.testing.assert_close(rec.values, want.values)

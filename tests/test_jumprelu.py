@@ -14,7 +14,7 @@ import saehook
 from saehook import JumpReLUSAE, SAEConfigError, SAETrainer, TrainConfig
 from saehook.formats import save_saelens
 from saehook.sae import total_variance
-from tests.conftest import source, tiny_model
+from tests.conftest import module_output, source, tiny_model
 
 
 def rand_sae(d=6, n=16, k=16, dtype=torch.float64, eps=0.4, lam=0.05, seed=0):
@@ -229,13 +229,7 @@ def test_a_layer_norm_jumprelu_file_is_refused(tmp_path):
 
 
 def trained_on_tiny_layer(model, ids):
-    clean = []
-    h = model.model.layers[1].register_forward_hook(lambda m, a, o: clean.append(o[0] if isinstance(o, tuple) else o))
-    try:
-        model(ids)
-    finally:
-        h.remove()
-    x = clean[0].detach()
+    x = module_output(model.model.layers[1], lambda: model(ids))[0]
     torch.manual_seed(0)
     sae = JumpReLUSAE(32, 64, 16, threshold_init=2.0)
     sae.set_input_scale_(x.reshape(-1, 32))
@@ -249,14 +243,8 @@ def test_attach_records_steers_and_evaluates():
     with saehook.attach(model, {1: sae}) as hooked:
         model(ids)
         rec = hooked.latents[1]
-        steered = []
-        h = model.model.layers[1].register_forward_hook(lambda m, a, o: steered.append(o[0] if isinstance(o, tuple)
-                                                                                          else o))
-        try:
-            with hooked.steer({1: {5: 8.0}}):
-                model(ids)
-        finally:
-            h.remove()
+        with hooked.steer({1: {5: 8.0}}):
+            steered = module_output(model.model.layers[1], lambda: model(ids))
     want = sae.encode(x)
     assert rec.values.shape == (2, 12, 16)
     torch.testing.assert_close(rec.values, want.values)

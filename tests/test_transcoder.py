@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import source, tiny_model
+from conftest import module_output, source, tiny_model
 
 import saehook
 from saehook.transcoder import SkipTranscoder, Transcoder
@@ -93,14 +93,10 @@ def test_trained_online_from_the_single_forward_pass(tmp_path):
         assert fvus[-1] < 0.6 * fvus[0]  # the transcoder learned the MLP
         assert sum("kl" in m for m in report.history) >= 3  # the end-to-end quarter trained through the splice
         ids = source(1)[0][:1, :8]
-        seen = []  # the MLP's output as the rest of the model receives it (a hook registered after saehook's)
-        handle = model.get_submodule(MLP).register_forward_hook(lambda m, a, out: seen.append(out.detach()))
-        try:
-            model(ids)
-            with hooked.steer({MLP: {5: 3.0}}):
-                model(ids)
-        finally:
-            handle.remove()
+        mlp = model.get_submodule(MLP)  # its output as the rest of the model receives it
+        seen = module_output(mlp, lambda: model(ids))
+        with hooked.steer({MLP: {5: 3.0}}):
+            seen += module_output(mlp, lambda: model(ids))
     torch.testing.assert_close(seen[1] - seen[0], (3.0 * tc.W_dec[5] / tc.output_scale).expand_as(seen[0]),
                                atol=1e-5, rtol=1e-5)
     # saehook.evaluate measures it on the MLP's output: its FVU is the one computed here from the output rows
