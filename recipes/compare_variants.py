@@ -15,7 +15,8 @@ Protocol (the same for every member):
 - transcoder: ``Transcoder(d, n, k)`` at ``model.layers.<layer>.mlp`` trained online with ``hooked.train`` for
   ``--transcoder-tokens`` (0 skips it), its FVU on the MLP's output and delta LM loss.
 
-Writes ``<out>/results.json``, ``<out>/table.md`` and ``<out>/frontier.png`` (FVU and delta LM loss against L0).
+Writes ``<out>/members/<name>`` (each trained member), ``<out>/results.json``, ``<out>/table.md`` and
+``<out>/frontier.png`` (FVU and delta LM loss against L0).
 
     python recipes/compare_variants.py --activations runs/quality/cache/smollm2-float32-L20-ctx128-512000.safetensors \\
         --tokens 1M --out runs/variants
@@ -106,6 +107,8 @@ while sweep.tokens < args.tokens:
             break
     log(f"  {sweep.tokens:,} rows trained, {time.perf_counter() - t0:.0f}s")
 train_s = time.perf_counter() - t0
+for name, tr in sweep.trainers.items():  # every member kept: later metrics (saehook.bench) read them
+    tr.sae.save(args.out / "members" / name)
 
 windows, count = [], 0
 for ids in corpus.windows("test", batch_size=8):
