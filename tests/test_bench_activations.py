@@ -1,8 +1,8 @@
 """saehook.bench.activations: per-document activations, their safetensors cache, resume, and pooling."""
 
 import torch
-
 from conftest import module_output, tiny_model
+
 from saehook import TopKSAE
 from saehook.bench.activations import Ragged, pooled_codes, token_activations
 
@@ -26,8 +26,8 @@ def test_values_equal_a_forward_hook_on_each_doc_alone_padding_excluded():
     assert acts[0].values.dtype == torch.float32
     for i in (0, 5, 10):  # batched with padding vs the document alone, through a plain forward hook
         ids = torch.tensor([docs[i]])
-        (alone,) = module_output(model.model.layers[0], lambda: model(ids))
-        (mlp,) = module_output(model.model.layers[1].mlp, lambda: model(ids))
+        (alone,) = module_output(model.model.layers[0], lambda ids=ids: model(ids))
+        (mlp,) = module_output(model.model.layers[1].mlp, lambda ids=ids: model(ids))
         torch.testing.assert_close(acts[0].doc(i), alone[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(acts["model.layers.1.mlp"].doc(i), mlp[0], atol=1e-5, rtol=1e-5)
 

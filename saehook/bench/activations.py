@@ -60,8 +60,9 @@ class Ragged:
 
     def __post_init__(self):
         if self.offsets.dim() != 1 or len(self.offsets) < 1 or int(self.offsets[-1]) != len(self.values):
+            end = int(self.offsets[-1]) if len(self.offsets) else None
             raise ValueError(f"offsets must be [N + 1] ending at len(values) = {len(self.values)}, got "
-                             f"{tuple(self.offsets.shape)} ending at {int(self.offsets[-1]) if len(self.offsets) else None}")
+                             f"{tuple(self.offsets.shape)} ending at {end}")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -132,13 +133,17 @@ def _model_fingerprint(model) -> str:
     m = unwrap(model)
     cfg = getattr(m, "config", None)
     h = hashlib.sha256()
-    h.update(str(getattr(cfg, "_name_or_path", "")).encode())
+    h.update(_model_name(m).encode())
     h.update(cfg.to_json_string(use_diff=False).encode() if hasattr(cfg, "to_json_string") else b"")
     params = list(m.parameters())
     h.update(str(params[0].dtype if params else "").encode())
     for p in params[:2] + params[-2:]:
         h.update(p.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def _model_name(model) -> str:
+    return str(getattr(getattr(unwrap(model), "config", None), "_name_or_path", ""))
 
 
 def _tokens_hash(docs: Sequence[Sequence[int]]) -> str:
@@ -253,7 +258,7 @@ def token_activations(model, hookpoints: Sequence[Key] | Mapping[Key, TopKSAE], 
                 folders[key] = cache_folder(cache_dir, tag, fp, str(hp), th, chunk_docs)
                 folders[key].mkdir(parents=True, exist_ok=True)
                 write_file(folders[key] / "meta.json", json_bytes({
-                    "hookpoint": str(hp), "model": str(getattr(getattr(unwrap(model), "config", None), "_name_or_path", "")),
+                    "hookpoint": str(hp), "model": _model_name(model),
                     "documents": len(docs), "chunk_docs": chunk_docs, "chunks": n_chunks, "dtype": "float32"}))
         chunks: dict[Key, list] = {key: [None] * n_chunks for key in saes}
         todo = []
