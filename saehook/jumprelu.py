@@ -21,6 +21,16 @@ pseudo-derivatives, a rectangle kernel ``K(u) = 1[|u| < 1/2]`` of bandwidth ``ep
 
 so the L0 term moves the thresholds only, as in the paper; ``log_threshold`` gets ``theta * dL/dtheta``.
 
+**A target L0.** Adam moves ``log_threshold`` by about the learning rate per step, so in a short run (hundreds of
+steps) the thresholds stay near their initial value and ``sparsity_coef`` barely changes L0 (measured in
+docs/variants.md). With ``target_l0 = T`` given, training reaches an L0 from its first step instead:
+
+    theta_j = the (1 - T / n_latents) quantile of pre_j over the trainer's first sample    (init_threshold_)
+    loss    = fvu + sparsity_coef * (L0 / T - 1)^2                                        (default coef 1.0)
+
+so each latent fires on a fraction ``T / n_latents`` of those rows (their mean L0 is ``T``, no latent starts
+dead), and the penalty, dictionary_learning's ``JumpReluTrainer`` term, holds L0 near ``T`` as the weights move.
+
 **Units.** The paper normalises activations to ``E ||x||^2 = 1`` and uses ``eps = 0.001`` and an initial
 ``theta = 0.001``. saehook's scalar normalisation gives ``E ||x'||^2 = d_in``, which multiplies pre-activations,
 codes, thresholds and the bandwidth by ``sqrt(d_in)`` (the decoder rows stay unit-norm): the defaults are the
@@ -58,6 +68,11 @@ PAPER_THRESHOLD_INIT = 0.001
 SPARSITY_COEF = 1e-3
 """saehook's default ``sparsity_coef`` (lambda): not a value from the paper, which sweeps lambda to reach each L0;
 a starting point to tune (tests/test_jumprelu.py measures L0 falling as it rises)."""
+TARGET_SPARSITY_COEF = 1.0
+"""The default ``sparsity_coef`` with a ``target_l0``: dictionary_learning's ``sparsity_penalty`` of its
+``(L0 / target - 1)^2`` term."""
+QUANTILE_CHUNK = 1 << 24
+"""Most pre-activations :meth:`JumpReLUSAE.init_threshold_` holds at once (64 MiB of float32)."""
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -122,29 +137,40 @@ class JumpReLUSAE(TopKSAE):
         multi_topk: must be False (refused otherwise: a JumpReLU has no top-4k code).
         bandwidth: ``eps`` of the pseudo-derivatives, in normalised units; None = the paper's 0.001 times
             ``sqrt(d_in)`` (its ``E ||x||^2 = 1`` against saehook's ``d_in``).
-        sparsity_coef: lambda of the L0 penalty (default ``1e-3``, see :data:`SPARSITY_COEF`).
+        sparsity_coef: lambda of the L0 penalty; None = ``1e-3`` (:data:`SPARSITY_COEF`), or ``1.0``
+            (:data:`TARGET_SPARSITY_COEF`) with a ``target_l0``.
         threshold_init: initial ``theta`` of every latent, in normalised units; None = the paper's 0.001 times
             ``sqrt(d_in)``. A larger one starts sparser: the log parameterisation moves ``theta`` by about a
             factor ``exp(lr)`` per Adam step, so a short run travels only a few e-folds.
+        target_l0: the mean number of active latents per row to train for (``0 < target_l0 <= k``), or None
+            (the paper's ``sparsity_coef * L0`` penalty). When set, :class:`~saehook.SAETrainer` sets the
+            thresholds from its first sample (:meth:`init_threshold_`, which overrides ``threshold_init``) and the
+            penalty is ``sparsity_coef * (L0 / target_l0 - 1)^2``.
         dtype: of the parameters (default float32).
         device: of the parameters (default CPU).
 
     Parameters: those of :class:`~saehook.TopKSAE` plus ``log_threshold [n_latents]`` (``theta = exp`` of it).
-    Raises ``SAEConfigError`` for a bad size, bandwidth, coefficient or threshold.
+    Raises ``SAEConfigError`` for a bad size, bandwidth, coefficient, threshold or target L0.
     """
 
     architecture = "jumprelu"
 
     def __init__(self, d_in: int, n_latents: int, k: int, *, multi_topk: bool = False,
-                 bandwidth: float | None = None, sparsity_coef: float = SPARSITY_COEF,
-                 threshold_init: float | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 bandwidth: float | None = None, sparsity_coef: float | None = None,
+                 threshold_init: float | None = None, target_l0: float | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         if multi_topk:
             raise SAEConfigError("a JumpReLUSAE has no Multi-TopK code (its rows keep every latent above its "
                                  "threshold, up to k): build it with multi_topk=False")
         super().__init__(d_in, n_latents, k, dtype=dtype, device=device)
         root = math.sqrt(d_in)
         self.bandwidth = _positive("bandwidth", PAPER_BANDWIDTH * root if bandwidth is None else bandwidth)
+        self.target_l0 = None if target_l0 is None else _positive("target_l0", target_l0)
+        if self.target_l0 is not None and self.target_l0 > k:
+            raise SAEConfigError(f"target_l0={target_l0!r} is above the cap k={k}, which would cut rows to k "
+                                 f"latents: raise k to at least target_l0 or lower target_l0")
+        if sparsity_coef is None:
+            sparsity_coef = SPARSITY_COEF if self.target_l0 is None else TARGET_SPARSITY_COEF
         if isinstance(sparsity_coef, bool) or not isinstance(sparsity_coef, (int, float)) or not (
                 math.isfinite(sparsity_coef) and sparsity_coef >= 0):
             raise SAEConfigError(f"sparsity_coef must be a finite number >= 0, got {sparsity_coef!r}")
@@ -158,6 +184,42 @@ class JumpReLUSAE(TopKSAE):
     def threshold(self) -> Tensor:
         """``theta = exp(log_threshold) [n_latents]``, in normalised units (differentiable)."""
         return self.log_threshold.exp()
+
+    @torch.no_grad()
+    def init_threshold_(self, x: Tensor, target_l0: float | None = None) -> Tensor:
+        """Set every latent's threshold from rows ``x [N, d_in]`` so that it fires on ``m = round(N T / n_latents)``
+        of them (``T = target_l0``, default ``self.target_l0``): ``theta_j`` is the midpoint of the ``m``-th and
+        ``m+1``-th largest ``pre_j``, floored at the paper's initial threshold (a latent can only fire where
+        ``pre_j > 0``). The rows' mean L0 is then ``T`` up to the rounding of ``m`` and ties. Call it after the input
+        scale and ``b_dec`` are set (:class:`~saehook.SAETrainer` does, on its first sample). Holds at most
+        :data:`QUANTILE_CHUNK` pre-activations at once. Returns ``theta [n_latents]``. Raises ``SAEConfigError``
+        without a target, or when ``x`` has too few rows for one firing per latent (``N < n_latents / T``)."""
+        target = self.target_l0 if target_l0 is None else _positive("target_l0", target_l0)
+        if target is None:
+            raise SAEConfigError("init_threshold_ needs a target L0: pass target_l0= or build the JumpReLUSAE "
+                                 "with target_l0=")
+        xc = self.normalise(x.reshape(-1, self.d_in))[0] - self.b_dec  # [N, d]
+        N, n = len(xc), self.n_latents
+        m = round(N * target / n)
+        if N * target < n or m >= N:
+            raise SAEConfigError(f"init_threshold_ got {N} rows for target_l0={target:g} over {n} latents: each "
+                                 f"latent must fire on between 1 and N-1 of them, so pass at least "
+                                 f"{math.ceil(n / target)} rows (and target_l0 < n_latents)")
+        theta = torch.empty(n, dtype=self.W_enc.dtype, device=self.W_enc.device)
+        chunk = max(1, QUANTILE_CHUNK // N)
+        for s in range(0, n, chunk):
+            pre = F.linear(xc, self.W_enc[s:s + chunk], self.b_enc[s:s + chunk])  # [N, c]
+            top = pre.topk(m + 1, dim=0).values  # [m + 1, c], descending
+            theta[s:s + chunk] = (top[m - 1] + top[m]) / 2
+        floor = PAPER_THRESHOLD_INIT * math.sqrt(self.d_in)
+        self.log_threshold.copy_(theta.clamp_min(floor).log())
+        return self.threshold
+
+    def init_from_sample_(self, x: Tensor) -> None:
+        """What :class:`~saehook.SAETrainer` fits on its first sample ``x [N, d_in]`` after the input scale and
+        ``b_dec``: the thresholds for ``target_l0`` (:meth:`init_threshold_`) when one is set, else nothing."""
+        if self.target_l0 is not None:
+            self.init_threshold_(x)
 
     # ------------------------------------------------------------------ the code
     def _topk(self, pre: Tensor, k: int) -> Codes:
@@ -183,7 +245,8 @@ class JumpReLUSAE(TopKSAE):
                 matmul_dtype: torch.dtype | None = None, variance_fn=None) -> SAEOutput:
         """``x [..., d_in] -> SAEOutput(x_hat [..., d_in], codes [..., k], fvu, penalty=...)``:
         the capped JumpReLU code, its reconstruction, the FVU in normalised units and
-        ``penalty = sparsity_coef * mean L0`` (uncapped), both differentiable with the pseudo-derivatives of the
+        ``penalty = sparsity_coef * mean L0`` (uncapped; ``sparsity_coef * (mean L0 / target_l0 - 1)^2`` with a
+        ``target_l0``), both differentiable with the pseudo-derivatives of the
         module docstring. ``matmul_dtype`` (e.g. bfloat16) is the pre-activation matmul's dtype (codes then keep
         its precision); ``variance_fn`` maps rows to the FVU denominator. ``dead_mask`` and ``k_aux`` are
         accepted for the trainer and ignored. Dense: about three ``[N, n_latents]`` tensors."""
@@ -209,23 +272,24 @@ class JumpReLUSAE(TopKSAE):
         xn_hat = z @ self.W_dec + self.b_dec  # [N, d]
         main = fvu(xn, xn_hat, (variance_fn or total_variance)(xn))
         l0 = StepFn.apply(pre, theta, self.bandwidth).sum(-1).mean()
-        penalty = self.sparsity_coef * l0
+        penalty = self.sparsity_coef * (l0 if self.target_l0 is None else (l0 / self.target_l0 - 1) ** 2)
         x_hat = self.unnormalise(xn_hat.reshape(*lead, self.d_in), state)
         codes = self.make_codes(z.gather(1, idx).reshape(*lead, k), idx.reshape(*lead, k), state)
         return SAEOutput(x_hat, codes, main, penalty=penalty)
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:
-        """:meth:`TopKSAE.config` plus ``bandwidth`` and ``sparsity_coef`` (``architecture: "jumprelu"``)."""
+        """:meth:`TopKSAE.config` plus ``bandwidth``, ``sparsity_coef`` and ``target_l0`` (``architecture:
+        "jumprelu"``)."""
         cfg = super().config()
-        cfg.update(bandwidth=self.bandwidth, sparsity_coef=self.sparsity_coef)
+        cfg.update(bandwidth=self.bandwidth, sparsity_coef=self.sparsity_coef, target_l0=self.target_l0)
         return cfg
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None) -> JumpReLUSAE:
         """Load a folder written by :meth:`save`: :meth:`TopKSAE.load`'s checks (``log_threshold`` included), then
-        ``bandwidth`` and ``sparsity_coef`` from ``cfg.json``."""
+        ``bandwidth``, ``sparsity_coef`` and ``target_l0`` (None in files written before it) from ``cfg.json``."""
         import json
 
         from . import atomic
@@ -235,9 +299,12 @@ class JumpReLUSAE(TopKSAE):
         cfg = json.loads((atomic.committed(path) / CFG_NAME).read_text())  # valid: TopKSAE.load has read it
         sae.bandwidth = _positive("bandwidth", cfg.get("bandwidth", sae.bandwidth))
         sae.sparsity_coef = float(cfg.get("sparsity_coef", sae.sparsity_coef))
+        target = cfg.get("target_l0")
+        sae.target_l0 = None if target is None else _positive("target_l0", target)
         return sae
 
     def extra_repr(self) -> str:
         """The sizes, the cap, the bandwidth and the sparsity coefficient, shown in ``repr(sae)``."""
         return (f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k} (cap), bandwidth={self.bandwidth:.4g}, "
-                f"sparsity_coef={self.sparsity_coef:.4g}, input_scale={float(self.input_scale.mean()):.4g}")
+                f"sparsity_coef={self.sparsity_coef:.4g}, target_l0={self.target_l0}, "
+                f"input_scale={float(self.input_scale.mean()):.4g}")

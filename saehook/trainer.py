@@ -101,13 +101,17 @@ class SAETrainer:
         :attr:`init_rows` rows (with several ranks, each rank's rows gathered first, in rank order). Training
         sessions (:meth:`saehook.Hooked.train`, :meth:`saehook.Hooked.training`) call it once they hold
         :attr:`init_rows` rows; a first :meth:`step` without it calls it on that step's batch. Only the
-        autoencoder's public methods are used (``set_input_scale_``, ``init_b_dec_``), so a subclass's own
-        normalisation (e.g. :class:`~saehook.LayerNormTopKSAE`'s) is what ``b_dec`` is fitted in."""
+        autoencoder's public methods are used (``set_input_scale_``, ``init_b_dec_``, then
+        ``init_from_sample_`` where the class has one), so a subclass's own normalisation (e.g.
+        :class:`~saehook.LayerNormTopKSAE`'s) is what ``b_dec`` is fitted in."""
         sample = self._init_sample(acts.reshape(-1, self.sae.train_width))
         if self.cfg.normalize in ("scalar", "channel"):  # channel: s_c = 1/std_c; b_dec takes the channel means
             self.sae.set_input_scale_(sample, mode=self.cfg.normalize)
         if self.cfg.init_b_dec != "none":
             self.sae.init_b_dec_(sample, method=self.cfg.init_b_dec)
+        fit_rest = getattr(self.sae, "init_from_sample_", None)  # a variant's own: JumpReLU's target-L0 thresholds
+        if fit_rest is not None:
+            fit_rest(sample)
         log.info("%s: normalisation and b_dec (%s) fitted on %d rows: %s", self.name, self.cfg.init_b_dec,
                  len(sample), self.sae.extra_repr())
         if self.ema is not None:

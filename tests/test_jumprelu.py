@@ -152,6 +152,54 @@ def test_l0_falls_as_the_sparsity_coefficient_rises():
     assert fvus[0] < fvus[1] < fvus[2] < 0.7, fvus  # sparser costs reconstruction, and it still reconstructs
 
 
+def test_a_target_l0_sets_the_thresholds_on_the_first_sample_and_holds_l0():
+    # Before target_l0 (issue 20), L0 came from the initial threshold: in a short run at saehook's learning rate the
+    # log-thresholds move ~lr per step, so 10x apart coefficients ended at the same L0 (docs/variants.md).
+    data = planted(256 * 150)
+    firsts, ends, fvus = [], [], []
+    for target in (2.0, 20.0):
+        torch.manual_seed(0)
+        sae = JumpReLUSAE(16, 64, 64, target_l0=target, bandwidth=0.1)
+        assert sae.sparsity_coef == 1.0  # dictionary_learning's default for its (L0 / target - 1)^2 term
+        trainer = SAETrainer(sae, TrainConfig(batch_tokens=256, init_samples=1024, auxk=False,
+                                              matmul_dtype="float32"), total_tokens=len(data))
+        history = [trainer.step(data[s:s + 256]) for s in range(0, len(data), 256)]
+        firsts.append(history[0]["l0"])
+        with torch.no_grad():
+            ends.append(float(sae.active_counts(planted(4000, seed=1)).float().mean()))
+            fvus.append(float(sae(planted(4000, seed=1)).fvu))
+    # measured: first batch L0 1.95 / 19.9; after 150 steps (lr 0.0128) held-out L0 3.25 / 17.3, FVU 0.56 / 0.10
+    assert firsts[0] == pytest.approx(2.0, rel=0.1) and firsts[1] == pytest.approx(20.0, rel=0.1), firsts
+    assert ends[1] > 4 * ends[0] and 1 < ends[0] < 5 and 14 < ends[1] < 24, ends
+    assert fvus[1] < fvus[0], fvus
+
+
+def test_init_threshold_fires_each_latent_on_its_share_of_the_rows():
+    sae = rand_sae(d=8, n=32, k=32, seed=2)
+    x = torch.randn(1000, 8, dtype=torch.float64)
+    theta = sae.init_threshold_(x, target_l0=4.0)
+    fires = sae.pre_acts(x) > theta  # [1000, 32]
+    assert torch.equal(fires.sum(0), torch.full((32,), 125))  # round(1000 * 4 / 32) rows per latent
+    assert float(sae.active_counts(x).double().mean()) == 4.0
+    assert float(theta.min()) >= 0.001 * math.sqrt(8)  # floored at the paper's initial threshold
+    with pytest.raises(SAEConfigError, match="at least 8 rows"):
+        sae.init_threshold_(x[:7], target_l0=4.0)
+    with pytest.raises(SAEConfigError, match="needs a target L0"):
+        sae.init_threshold_(x)
+
+
+def test_the_target_penalty_and_its_arguments():
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(8, 32, 8, target_l0=3.0, sparsity_coef=0.5, threshold_init=0.5)
+    x = torch.randn(64, 8)
+    l0 = sae.active_counts(x).float().mean()
+    torch.testing.assert_close(sae(x).penalty, 0.5 * (l0 / 3.0 - 1) ** 2)
+    assert JumpReLUSAE(8, 32, 8).sparsity_coef == 1e-3  # the paper's penalty keeps its default
+    for kw, what in [(dict(target_l0=9.0), "above the cap k=8"), (dict(target_l0=0.0), "target_l0")]:
+        with pytest.raises(SAEConfigError, match=what):
+            JumpReLUSAE(8, 32, 8, **kw)
+
+
 def test_save_and_saehook_load_round_trip(tmp_path):
     sae = rand_sae(dtype=torch.float32)
     sae.metadata = {"hookpoint": "layers.1"}
@@ -165,6 +213,14 @@ def test_save_and_saehook_load_round_trip(tmp_path):
     torch.testing.assert_close(back(x).x_hat, sae(x).x_hat, rtol=0, atol=0)
     with pytest.raises(SAEConfigError, match="saehook.load"):
         saehook.TopKSAE.load(tmp_path / "s")
+    assert cfg["target_l0"] is None and back.target_l0 is None  # files written before target_l0 lack the key
+    del cfg["target_l0"]
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps(cfg))
+    assert saehook.load(tmp_path / "s").target_l0 is None
+    targeted = JumpReLUSAE(6, 16, 16, target_l0=5.0)
+    targeted.save(tmp_path / "t")
+    back = saehook.load(tmp_path / "t")
+    assert back.target_l0 == 5.0 and back.sparsity_coef == 1.0
 
 
 def gemma_scope_folder(path, d=8, n=24, seed=0):
