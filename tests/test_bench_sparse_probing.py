@@ -1,0 +1,111 @@
+"""saehook.bench.sparse_probing: the probe math on planted features, and a planted topic latent on a tiny model."""
+
+import random
+
+import torch
+
+from saehook import TopKSAE
+from saehook.bench.activations import token_activations
+from saehook.bench.sparse_probing import (
+    SparseProbingConfig,
+    balanced_task,
+    fit_logistic,
+    probe_accuracies,
+    rank_by_mean_diff,
+    run,
+)
+
+
+def test_fit_logistic_matches_the_l2_optimum():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g)
+    y = (x @ torch.tensor([2.0, -1.0, 0.0]) + 0.3 * torch.randn(200, generator=g) > 0).float()
+    w, b = fit_logistic(x, y, C=1.0)
+    z = x.double() @ w + b  # gradient of ||w||^2/2 + C sum BCE is 0 at the optimum
+    r = torch.sigmoid(z) - y.double()
+    assert (w + x.double().T @ r).abs().max() < 1e-4 and r.sum().abs() < 1e-4
+    assert w[0] > 1.0 and w[1] < -0.5
+
+
+def test_balanced_task_as_saebench_draws_it():
+    labels = ["a"] * 12 + ["b"] * 30 + ["c"] * 30 + ["d"] * 2
+    idx, y = balanced_task(labels, "a", random.Random(0))
+    assert y.sum() == 12 and len(y) == 24 and len(set(idx)) == 24
+    neg = [labels[i] for i in idx[12:]]
+    assert neg.count("d") == 2 and neg.count("b") + neg.count("c") == 10  # ceil(12 / 3) = 4 each, d has 2: topped up
+
+
+def test_planted_feature_wins_top_1_and_noise_is_chance():
+    g = torch.Generator().manual_seed(0)
+    labels = [c for c in "abc" for _ in range(60)]
+    y = torch.tensor([c == "a" for c in labels]).float()
+    x = torch.randn(180, 40, generator=g)
+    x[:, 7] += 3 * y  # feature 7 separates label a
+    order = rank_by_mean_diff(x, y)
+    assert int(order[0]) == 7
+    tr = [i for i in range(180) if i % 5]
+    te = [i for i in range(180) if i % 5 == 0]
+    res = probe_accuracies(x[tr], [labels[i] for i in tr], x[te], [labels[i] for i in te], k_values=(1, 5))
+    a = res["tasks"]["a"]
+    assert a["top_features"][0] == 7 and a["top_1_test_accuracy"] > 0.9
+    noise = probe_accuracies(torch.randn(180, 40, generator=g)[tr], [labels[i] for i in tr],
+                             torch.randn(36, 40, generator=g), [labels[i] for i in te], k_values=(1,))
+    assert abs(noise["top_1_test_accuracy"] - 0.5) < 0.15  # mean of the three tasks on pure noise
+
+
+def _topic_model(alpha=0.06):
+    """A random 2-layer Llama (hidden 64) whose tokens 3..64 (the topic's words) share a direction ``v``: their
+    embeddings move by ``alpha v`` (3 times an embedding entry's standard deviation, 0.02)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
+    v = torch.randn(64)
+    model.model.embed_tokens.weight[3:65] += alpha * v / v.norm()
+    return model
+
+
+def _topic_docs(n=60, length=6, seed=0):
+    """Label ``a``: tokens 3..64 (the topic's); labels ``b`` / ``c``: tokens 65..127; a BOS first."""
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for c in "abc":
+        lo, hi = (3, 65) if c == "a" else (65, 128)
+        docs += [([1] + torch.randint(lo, hi, (length,), generator=g).tolist(), c) for _ in range(n)]
+    return docs
+
+
+def test_planted_topic_latent_wins_at_k_1_on_a_tiny_model():
+    model = _topic_model()
+    docs = _topic_docs()
+    acts = token_activations(model, [0], [d for d, _ in docs], progress=False)[0]
+    pooled = acts.pooled("mean", 1)
+    is_a = torch.tensor([c == "a" for _, c in docs])
+    u = pooled[is_a].mean(0) - pooled[~is_a].mean(0)  # the direction separating label a's documents
+    mid = 0.5 * (pooled[is_a].mean(0) + pooled[~is_a].mean(0)) @ (u / u.norm())
+
+    torch.manual_seed(0)
+    random_sae = TopKSAE(64, 64, 4)
+    planted = TopKSAE(64, 64, 4)
+    with torch.no_grad():
+        planted.W_enc.copy_(random_sae.W_enc)
+        planted.W_enc[0] = 50 * u / u.norm()
+        planted.b_enc[0] = -50 * mid
+
+    config = SparseProbingConfig(k_values=(1, 5), test_fraction=0.25)
+    res = {name: run(model, None, {0: sae}, config=config, documents=docs, progress=False)[0]
+           for name, sae in [("planted", planted), ("random", random_sae)]}
+    p = res["planted"]["eval_result_details"][0]["saehook_tasks"]["a"]
+    r = res["random"]["eval_result_details"][0]["saehook_tasks"]["a"]
+    assert p["saehook_top_latents"][0] == 0
+    assert p["sae_top_1_test_accuracy"] >= 0.95, p  # measured 1.0
+    assert r["sae_top_1_test_accuracy"] <= 0.7, r  # measured 0.57: near chance
+    assert p["sae_test_accuracy"] >= 0.95 and p["llm_test_accuracy"] >= 0.95  # the full probes see it too
+    m = res["planted"]["eval_result_metrics"]
+    assert res["planted"]["eval_type_id"] == "sparse_probing"
+    assert set(m["llm"]) == {"llm_test_accuracy", "llm_top_1_test_accuracy", "llm_top_5_test_accuracy"}
+    assert set(m["sae"]) == {"sae_test_accuracy", "sae_top_1_test_accuracy", "sae_top_5_test_accuracy"}
+    assert m["llm"]["llm_test_accuracy"] == res["random"]["eval_result_metrics"]["llm"]["llm_test_accuracy"]
