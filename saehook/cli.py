@@ -63,6 +63,8 @@ EVAL_EPILOG = """examples:
   saehook eval --sae runs/x/model.layers.20 --tokens 50k   # one autoencoder, a 4x smaller error bar (~15 min)
   saehook eval --sae runs/x --no-control --no-ablations    # FVU, L0, delta LM loss, KL only: ~2.5x faster
   saehook eval --sae runs/x --out results/x.json --overwrite
+  saehook eval --sae runs/x --suite sparse_probing,absorption   # SAEBench's metrics; JSON in runs/x/saebench
+  saehook eval --sae runs/x --suite all --cache-dir cache/smollm2  # every metric; activations cached and shared
 An existing report.json is kept: the new one is report-2.json, report-3.json, ..."""
 
 DASHBOARD_EPILOG = """examples:
@@ -299,6 +301,51 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--seed", type=int, default=0, help="seed of the control's random directions")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--suite", default="core",
+                   help="what to measure, comma-separated: core (the metrics above), SAEBench's sparse_probing, "
+                        "absorption, autointerp (docs/metrics/saebench.md), or all")
+    p.add_argument("--bench-out", default=None,
+                   help="folder of the SAEBench-layout JSON (<eval_type_id>/<name>_<hookpoint>_eval_results.json; "
+                        "default: saebench/ in the run folder of the first --sae)")
+    p.add_argument("--cache-dir", default=None,
+                   help="activation cache the SAEBench metrics share and resume from (default: <bench-out>/cache); "
+                        "give one folder to several runs on the same model to collect once")
+    p.add_argument("--labelled", default=None,
+                   help="labelled .jsonl ({\"text\": ..., \"label\": ...} lines) for sparse_probing (default: the "
+                        "embedded BBC News topics)")
+
+
+def _eval_suites(text: str) -> tuple[bool, list[str]]:
+    """``--suite`` -> (run the core metrics, the SAEBench metrics to run); raises ValueError for an unknown name."""
+    from .bench import SUITES, parse_suites
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if "all" in names:
+        return True, list(SUITES)
+    bench = [s for s in names if s != "core"]
+    return "core" in names, parse_suites(bench) if bench else []
+
+
+def _run_bench(args, model, tok, saes, suites: list[str]) -> dict:
+    """``saehook eval --suite ...``'s SAEBench metrics: run, print the headline numbers, write the JSON."""
+    from .bench import run_suite
+    from .bench.sparse_probing import SparseProbingConfig
+    from .formats.detect import single_format
+
+    first = Path(args.sae[0]).resolve()
+    run_dir = first.parent if single_format(first) else first
+    out = Path(args.bench_out) if args.bench_out else run_dir / "saebench"
+    configs = {"sparse_probing": SparseProbingConfig(source=args.labelled)} if args.labelled else {}
+    t0 = time.perf_counter()
+    results = run_suite(model, saes, suites, tokenizer=tok, cache_dir=args.cache_dir, out=out, name=run_dir.name,
+                        configs=configs, progress=not args.no_progress)
+    for suite, per_key in results.items():
+        for key, r in per_key.items():
+            flat = ", ".join(f"{n} {v:.4g}" if isinstance(v, float) else f"{n} {v}"
+                             for sec in r["eval_result_metrics"].values() for n, v in sec.items())
+            print(f"{suite} {key} ({r['wall_seconds']:.0f}s): {flat}")
+    print(f"SAEBench metrics in {time.perf_counter() - t0:.0f}s; JSON written under {out}")
+    return results
 
 
 def run_eval(args):
@@ -312,6 +359,7 @@ def run_eval(args):
     from saehook.runs import next_free
 
     torch.manual_seed(args.seed)
+    core, bench = _eval_suites(args.suite)
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"--out {args.out} exists: pass another --out, or --overwrite to replace it")
     saes, where = {}, {}
@@ -325,6 +373,9 @@ def run_eval(args):
     if args.device_map:
         kwargs["device_map"] = args.device_map
     model, tok = saehook.load_model(args.model, **kwargs)
+    bench_results = _run_bench(args, model, tok, saes, bench) if bench else None
+    if not core:
+        return bench_results
     corpus = saehook.Corpus.from_source(args.corpus, tok, context=args.context, holdout=args.holdout, seed=args.seed)
     print(f"evaluating {len(saes)} autoencoder(s) at {list(saes)} on {args.tokens:,} held-out tokens of "
           f"{args.corpus or 'BBC News (embedded)'} with {args.model or 'SmolLM2-135M-Instruct (embedded)'}")

@@ -41,6 +41,16 @@ def _save(fig, out: str | Path, dpi: int) -> Path:
     return out
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only), for plots made outside this module."""
+    return _pyplot()
+
+
+def save_figure(fig, out: str | Path, dpi: int = 120) -> Path:
+    """Lay out ``fig``, write it as a PNG to ``out`` (its folder created), close it; returns ``out``."""
+    return _save(fig, out, dpi)
+
+
 def plot_training(runs: dict[str, str | Path], out: str | Path, title: str = "") -> Path:
     """FVU and dead fraction over training tokens for one or more runs (``{label: run dir}``)."""
     plt = _pyplot()

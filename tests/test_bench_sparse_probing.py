@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 import torch
 
 from saehook import TopKSAE
@@ -78,15 +79,14 @@ def _topic_docs(n=60, length=6, seed=0):
     return docs
 
 
-def test_planted_topic_latent_wins_at_k_1_on_a_tiny_model():
-    model = _topic_model()
-    docs = _topic_docs()
+def _planted_and_random(model, docs):
+    """A dictionary whose latent 0 is the direction separating label a's documents (mean-pooled layer-0
+    activations, its threshold half-way), and the random dictionary it was built from (64 latents, k = 4)."""
     acts = token_activations(model, [0], [d for d, _ in docs], progress=False)[0]
     pooled = acts.pooled("mean", 1)
     is_a = torch.tensor([c == "a" for _, c in docs])
-    u = pooled[is_a].mean(0) - pooled[~is_a].mean(0)  # the direction separating label a's documents
+    u = pooled[is_a].mean(0) - pooled[~is_a].mean(0)
     mid = 0.5 * (pooled[is_a].mean(0) + pooled[~is_a].mean(0)) @ (u / u.norm())
-
     torch.manual_seed(0)
     random_sae = TopKSAE(64, 64, 4)
     planted = TopKSAE(64, 64, 4)
@@ -94,6 +94,13 @@ def test_planted_topic_latent_wins_at_k_1_on_a_tiny_model():
         planted.W_enc.copy_(random_sae.W_enc)
         planted.W_enc[0] = 50 * u / u.norm()
         planted.b_enc[0] = -50 * mid
+    return planted, random_sae
+
+
+def test_planted_topic_latent_wins_at_k_1_on_a_tiny_model():
+    model = _topic_model()
+    docs = _topic_docs()
+    planted, random_sae = _planted_and_random(model, docs)
 
     config = SparseProbingConfig(k_values=(1, 5), test_fraction=0.25)
     res = {name: run(model, None, {0: sae}, config=config, documents=docs, progress=False)[0]
@@ -109,3 +116,67 @@ def test_planted_topic_latent_wins_at_k_1_on_a_tiny_model():
     assert set(m["llm"]) == {"llm_test_accuracy", "llm_top_1_test_accuracy", "llm_top_5_test_accuracy"}
     assert set(m["sae"]) == {"sae_test_accuracy", "sae_top_1_test_accuracy", "sae_top_5_test_accuracy"}
     assert m["llm"]["llm_test_accuracy"] == res["random"]["eval_result_metrics"]["llm"]["llm_test_accuracy"]
+
+
+def _word_tokenizer():
+    """A word-level tokenizer: w0..w123 are ids 4..127 (<pad> 0, <s> 1, </s> 2, <unk> 3)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(124)]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def test_run_suite_writes_saebench_json_plots_and_the_cli_runs_it(tmp_path, capsys):
+    import json
+
+    import saehook
+    from saehook.bench import parse_suites, run_suite
+    from saehook.bench.results import plot_against_l0, read_results
+    from saehook.cli import main
+
+    model, tok = _topic_model(), _word_tokenizer()
+    docs = _topic_docs()
+    labelled = tmp_path / "topics.jsonl"  # the same documents as text: id i is word w(i - 4)
+    labelled.write_text("\n".join(json.dumps({"text": " ".join(f"w{i - 4}" for i in ids[1:]), "label": c})
+                                   for ids, c in docs))
+    assert tok(" ".join(f"w{i - 4}" for i in docs[0][0][1:]), add_special_tokens=False)["input_ids"] == docs[0][0][1:]
+    planted, random_sae = _planted_and_random(model, docs)
+    config = {"sparse_probing": SparseProbingConfig(source=str(labelled), k_values=(1, 2), test_fraction=0.25)}
+    records = {}
+    for name, sae in [("planted", planted), ("random", random_sae)]:
+        res = run_suite(model, {0: sae}, "sparse_probing", tokenizer=tok, out=tmp_path / "bench", name=name,
+                        configs=config, progress=False)
+        records[name] = res["sparse_probing"][0]
+    assert len(list((tmp_path / "bench" / "cache").glob("sparse_probing-topics-*"))) == 1  # collected once
+    written = read_results(tmp_path / "bench", "sparse_probing")
+    assert sorted(written) == ["planted_layer0", "random_layer0"]
+    rec = written["planted_layer0"]
+    for field in ("eval_type_id", "eval_config", "eval_id", "datetime_epoch_millis", "eval_result_metrics",
+                  "eval_result_details", "sae_bench_commit_hash", "sae_cfg_dict"):
+        assert field in rec
+    assert rec["sae_cfg_dict"]["d_sae"] == 64 and rec["eval_result_details"][0]["dataset_name"] == "topics"
+    assert rec["eval_result_details"][0]["saehook_tasks"]["a"]["sae_top_1_test_accuracy"] >= 0.95
+    assert 0 < rec["saehook_l0"] <= 4
+    png = plot_against_l0(written, "sae_top_1_test_accuracy", tmp_path / "probe.png")
+    assert png.stat().st_size > 1000
+    with pytest.raises(ValueError, match="unknown benchmark suite"):
+        parse_suites("sparse_probing,bogus")
+
+    run = tmp_path / "run"  # the command line on a saved model and autoencoder
+    model.save_pretrained(run / "model")
+    tok.save_pretrained(run / "model")
+    planted.metadata["hookpoint"] = "model.layers.0"
+    planted.save(run / "model.layers.0")
+    assert main(["eval", "--sae", str(run / "model.layers.0"), "--model", str(run / "model"), "--suite",
+                 "sparse_probing", "--labelled", str(labelled), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "sparse_probing model.layers.0" in printed and "sae_top_1_test_accuracy" in printed
+    (cli_rec,) = read_results(run / "saebench", "sparse_probing").values()
+    assert cli_rec["saehook_hookpoint"] == "model.layers.0"
+    assert cli_rec["eval_result_details"][0]["saehook_tasks"]["a"]["saehook_top_latents"][0] == 0
+    assert not (run / "report.json").exists()  # --suite without core: no core report
+    assert isinstance(saehook.TopKSAE.load(run / "model.layers.0"), saehook.TopKSAE)

@@ -100,11 +100,12 @@ def pool_rows(values: Tensor, doc: Tensor, pos: Tensor, n_docs: int, reduce: str
 
 @torch.no_grad()
 def pooled_codes(sae: TopKSAE, acts: Ragged, *, reduce: str = "mean", skip_positions: int = 1,
-                 batch_rows: int = 4096) -> Tensor:
+                 batch_rows: int = 4096, stats: dict | None = None) -> Tensor:
     """``[N, n_latents]`` float32: each document's mean (or max) over its tokens from position ``skip_positions``
     on of every latent's activation (0 where a latent is not among a token's top k), encoded from the cached
     activations ``acts`` in batches of ``batch_rows`` tokens; no ``[T, n_latents]`` tensor is made.
-    A document with no such token gets zeros."""
+    A document with no such token gets zeros. ``stats``, when given, receives ``"l0"``: the mean number of
+    latents above 0 per encoded token, and ``"tokens"``: how many tokens were encoded."""
     if reduce not in ("mean", "max"):
         raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
     doc, pos = acts.row_docs()
@@ -113,14 +114,18 @@ def pooled_codes(sae: TopKSAE, acts: Ragged, *, reduce: str = "mean", skip_posit
     n, m = len(acts), sae.n_latents
     flat = torch.zeros(n * m, dtype=torch.float32)
     dev, dtype = sae.W_enc.device, sae.W_enc.dtype
+    active = 0
     for s in range(0, len(values), batch_rows):
         codes = sae.encode(values[s:s + batch_rows].to(dev, dtype))
         idx = (doc[s:s + batch_rows, None] * m + codes.indices.cpu()).reshape(-1)
         val = codes.values.float().cpu().reshape(-1)
+        active += int((val > 0).sum())
         if reduce == "mean":
             flat.index_add_(0, idx, val)
         else:  # latents not among a token's top k are 0 there: max with 0 once a document has any token
             flat.scatter_reduce_(0, idx, val.clamp_min(0), "amax")
+    if stats is not None:
+        stats.update(l0=active / max(len(values), 1), tokens=len(values))
     out = flat.view(n, m)
     if reduce == "mean":
         out /= torch.bincount(doc, minlength=n).clamp_min(1).unsqueeze(1).float()

@@ -248,10 +248,12 @@ def evaluate_features(acts: Ragged, sae: TopKSAE, labels: Sequence[str], train: 
               seed=config.random_seed)
     x = acts.pooled("mean", config.skip_positions)
     llm = probe_accuracies(x[train], lab_tr, x[test], lab_te, **kw)
+    st_tr, st_te = {}, {}
     z_tr = pooled_codes(sae, _subset(acts, train), skip_positions=config.skip_positions,
-                        batch_rows=config.sae_batch_size)
+                        batch_rows=config.sae_batch_size, stats=st_tr)
     z_te = pooled_codes(sae, _subset(acts, test), skip_positions=config.skip_positions,
-                        batch_rows=config.sae_batch_size)
+                        batch_rows=config.sae_batch_size, stats=st_te)
+    l0 = (st_tr["l0"] * st_tr["tokens"] + st_te["l0"] * st_te["tokens"]) / max(st_tr["tokens"] + st_te["tokens"], 1)
     s = probe_accuracies(z_tr, lab_tr, z_te, lab_te, **kw)
     metrics = {"llm": {"llm_test_accuracy": llm["test_accuracy"]},
                "sae": {"sae_test_accuracy": s["test_accuracy"]}}
@@ -267,7 +269,7 @@ def evaluate_features(acts: Ragged, sae: TopKSAE, labels: Sequence[str], train: 
         for c in s["tasks"]}}
     return {"eval_type_id": EVAL_TYPE_ID, "eval_config": {**asdict(config), "dataset_names": [dataset]},
             "eval_result_metrics": metrics, "eval_result_details": [detail],
-            "wall_seconds": time.perf_counter() - t0}
+            "wall_seconds": time.perf_counter() - t0, "saehook_l0": l0}
 
 
 def run(model, tokenizer, saes: Mapping[Key, TopKSAE], *, config: SparseProbingConfig | None = None,
@@ -282,13 +284,13 @@ def run(model, tokenizer, saes: Mapping[Key, TopKSAE], *, config: SparseProbingC
         cache_dir: where activations are cached (:func:`~saehook.bench.activations.token_activations`).
         progress: progress bars on stderr.
         documents: ``[(token ids, label)]`` instead of ``config.source``.
-        activations: the documents' activations already collected (``{key: Ragged}``), e.g. by
-            :func:`saehook.bench.run_suite`.
+        activations: the documents' activations already collected (``{key: Ragged}``), e.g. for several
+            dictionaries on one hookpoint without a disk cache.
 
     Each result: ``{"eval_type_id": "sparse_probing", "eval_config", "eval_result_metrics": {"llm": {...},
     "sae": {...}}, "eval_result_details": [{"dataset_name", the same metrics, "saehook_tasks": per label}],
-    "wall_seconds"}`` (collection included). Raises ``ValueError`` for fewer than 2 labels or a label with fewer
-    than 2 documents.
+    "wall_seconds" (collection included), "saehook_l0": latents above 0 per token of these documents}``.
+    Raises ``ValueError`` for fewer than 2 labels or a label with fewer than 2 documents.
     """
     config = config or SparseProbingConfig()
     t0 = time.perf_counter()
