@@ -32,8 +32,11 @@ beyond the cap is computed per row.
 
 The encoder runs through the sparse kernels (:class:`saehook.kernels.TopKEncode` at width ``k_max + 1``: the
 extra column only tells whether a row exceeded the cap), so gradients are exact and sparse; the batch selection
-is a top-``kB`` over the ``[B, k_max]`` candidates. AuxK and ``matmul_dtype`` work as in the parent; Multi-TopK
-does not apply (refused).
+is a top-``kB`` over the ``[B, k_max]`` candidates. Under data parallelism ``B`` is the global batch: the trainer
+passes ``forward`` a ``gather_fn`` that all-gathers every rank's candidates (``[B_r, k_max + 1]`` values), each rank
+keeps its rows' share of the global top-``kB`` and updates ``theta`` from the global cut-off, so every rank holds
+the same ``theta`` and N ranks train as one process with the N-times batch (SAELens's BatchTopK has no collective:
+per rank under DDP). AuxK and ``matmul_dtype`` work as in the parent; Multi-TopK does not apply (refused).
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class BatchTopKSAE(TopKSAE):
     """
 
     architecture = "batchtopk"
+    selects_over_batch = True
+    """Read by :class:`~saehook.SAETrainer`: under data parallelism it passes ``forward`` a ``gather_fn``, so that
+    the batch selection and the threshold are over every rank's rows."""
 
     def __init__(self, d_in: int, n_latents: int, k: int, *, k_max: int | None = None, multi_topk: bool = False,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
@@ -114,15 +120,19 @@ class BatchTopKSAE(TopKSAE):
         m = kept.min().to(self.threshold.dtype)
         self.threshold.copy_(m if float(self.threshold) < 0 else torch.lerp(self.threshold, m, THRESHOLD_LR))
 
-    def _select(self, vals: Tensor, batch: bool) -> Tensor:
+    def _select(self, vals: Tensor, batch: bool, gather_fn=None) -> Tensor:
         # vals [N, k_max + 1]: the selection is over the first k_max columns; the extra one only tells whether a
         # row wanted more than k_max (its next activation is selected too when it competes in the selection).
         cand = vals[:, :-1]
-        keep = self.batch_select(cand) if batch else self.threshold_select(cand)
-        if batch:
-            self.update_threshold_(cand, keep)
-            over = self.batch_select(vals)[:, -1]
-        elif float(self.threshold) >= 0:
+        if batch:  # over the whole batch: every rank's rows under data parallelism (gather_fn), so all ranks agree
+            full, mine = gather_fn(vals) if gather_fn is not None else (vals.detach(), slice(None))
+            keep = self.batch_select(full[:, :-1])
+            self.update_threshold_(full[:, :-1], keep)
+            over = self.batch_select(full)[:, -1]
+            self.capped_fraction = float(over.float().mean()) if len(full) else 0.0
+            return cand * keep[mine]
+        keep = self.threshold_select(cand)
+        if float(self.threshold) >= 0:
             over = vals.detach()[:, -1] > self.threshold
         else:
             over = torch.zeros(len(vals), dtype=torch.bool)
@@ -156,10 +166,12 @@ class BatchTopKSAE(TopKSAE):
         return self.make_codes(vals, i[..., :width], state)
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None,
-                matmul_dtype: torch.dtype | None = None, variance_fn=None) -> SAEOutput:
+                matmul_dtype: torch.dtype | None = None, variance_fn=None, gather_fn=None) -> SAEOutput:
         """As :meth:`TopKSAE.forward` (AuxK over ``dead_mask``, ``matmul_dtype``, ``variance_fn``), with the batch
         selection when training (``self.training`` and grad enabled; updates ``threshold``), else the threshold.
-        ``codes`` are ``k_max`` wide."""
+        ``codes`` are ``k_max`` wide. ``gather_fn`` (data parallelism) maps this process's candidates
+        ``[N, k_max + 1]`` to ``(every rank's, in rank order; the slice that is this process's)``
+        (:func:`saehook.distributed.all_gather_rows_at`): the batch is then all of them (module docstring)."""
         from .kernels import TopKEncode
 
         lead = x.shape[:-1]
@@ -175,7 +187,7 @@ class BatchTopKSAE(TopKSAE):
                                                         matmul_dtype)
         if width == self.k_max:  # k_max = n_latents: a zero column stands for the cap's extra one
             vals = torch.cat([vals, vals.new_zeros(len(vals), 1)], 1)
-        vals = self._select(vals, batch=self.training and torch.is_grad_enabled())
+        vals = self._select(vals, batch=self.training and torch.is_grad_enabled(), gather_fn=gather_fn)
         codes = Codes(vals, idx[:, : self.k_max])
         var_x = (variance_fn or total_variance)(xn)
         xn_hat, main, recon = self._reconstruct(xn, codes, var_x)

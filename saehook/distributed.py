@@ -98,10 +98,17 @@ def _padded(x: Tensor, group=None) -> tuple[Tensor, list[int]]:
 def all_gather_rows(x: Tensor, group=None) -> Tensor:
     """Concatenate the rows ``x [m_r, d]`` of every rank of ``group`` (default: all) in rank order (the m_r may
     differ)."""
-    padded, counts = _padded(x, group)
+    return all_gather_rows_at(x, group)[0]
+
+
+def all_gather_rows_at(x: Tensor, group=None) -> tuple[Tensor, slice]:
+    """``(rows, mine)``: the rows ``x [m_r, d]`` of every rank of ``group`` (default: all) concatenated in rank
+    order, ``[sum_r m_r, d]``, and the slice of them that is this rank's ``x``. Without gradient."""
+    padded, counts = _padded(x.detach(), group)
     parts = [torch.empty_like(padded) for _ in counts]
     _guard(dist.all_gather, parts, padded, group=group)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+    start = sum(counts[: dist.get_rank(group)])
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]), slice(start, start + len(x))
 
 
 def gather_rows(x: Tensor, dst: int) -> Tensor | None:

@@ -166,10 +166,12 @@ class SAETrainer:
         """The autoencoder's forward on this rank's rows (through DDP under data parallelism)."""
         if self.dist is None:
             return self.sae(acts, **kw)
-        from .distributed import global_variance  # a global FVU denominator: N ranks equal one N-times batch
+        from .distributed import all_gather_rows_at, global_variance  # N ranks equal one N-times batch
 
         if self.ddp is None:
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.sae, broadcast_buffers=False)
+        if getattr(self.sae, "selects_over_batch", False):  # BatchTopK: its selection spans every rank's rows
+            kw["gather_fn"] = all_gather_rows_at
         return self.ddp(acts, variance_fn=global_variance, **kw)
 
     def forward(self, acts: Tensor, fvu_coef: float = 1.0) -> TrainForward | None:
