@@ -261,9 +261,11 @@ def _word_activations(model, saes: Mapping, docs: list[list[int]], cfg: Absorpti
     from .activations import token_activations
 
     out: dict = {key: [] for key in saes}
-    for s in range(0, len(docs), 512):
-        acts = token_activations(model, dict(saes), docs[s:s + 512], cache_dir=cache_dir, tag="absorption",
-                                 batch_size=cfg.llm_batch_size, progress=progress)
+    n = (len(docs) + 511) // 512
+    for s in range(0, len(docs), 512):  # the tag names the slice, so each slice's bar says "i of n"
+        acts = token_activations(model, dict(saes), docs[s:s + 512], cache_dir=cache_dir,
+                                 tag=f"absorption-{s // 512 + 1}of{n}", batch_size=cfg.llm_batch_size,
+                                 progress=progress)
         for key, ragged in acts.items():
             out[key].append(ragged.values[ragged.offsets[1:] - 1])
     return {key: torch.cat(parts) for key, parts in out.items()}
