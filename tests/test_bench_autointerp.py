@@ -81,7 +81,7 @@ def test_keyword_judge_scores_the_named_trigger_100_and_a_wrong_explanation_50(s
     res = ai.run(model, tok, saes, config=cfg, docs=make_docs(), explainer=judge, scorer=judge, progress=False)[HOOK]
     assert res["eval_type_id"] == "autointerp"
     m = res["eval_result_metrics"]["autointerp"]
-    assert m["autointerp_score"] == 1.0 and m["autointerp_std_dev"] == 0.0
+    assert m["autointerp_score"] == 1.0 and m["autointerp_std_dev"] == 0.0 and m["saehook_auroc"] == 1.0
     assert m["saehook_n_latents_scored"] == 2 and m["saehook_n_latents_skipped"] == 0  # the 4 dead ones not drawn
     per = res["eval_result_unstructured"]
     assert per["0"]["explanation"] == "the token 'zebra'" and per["1"]["explanation"] == "the token 'quartz'"
@@ -94,6 +94,7 @@ def test_keyword_judge_scores_the_named_trigger_100_and_a_wrong_explanation_50(s
     wm = wrong["eval_result_metrics"]["autointerp"]
     assert wm["autointerp_score"] == 0.5  # always "no": the 4 quiet windows right, the 4 active ones wrong
     assert wm["saehook_true_positive_rate"] == 0.0 and wm["saehook_true_negative_rate"] == 1.0
+    assert wm["saehook_auroc"] == 0.5  # all P(yes) = 0: ties
 
 
 def test_local_lm_pipeline_end_to_end(setup):
@@ -108,9 +109,10 @@ def test_local_lm_pipeline_end_to_end(setup):
         assert isinstance(r["explanation"], str) and all(0.0 <= p <= 1.0 for p in r["saehook_p_yes"])
     # batched (right-padded) judgements equal one-at-a-time ones
     prompts = [scoring_prompt("the token 'zebra'", "w9 w10 zebra"), scoring_prompt("x", "w9 " * 30)]
-    batched = judge.yes_probabilities(prompts)
+    batched = judge.yes_probabilities(prompts)  # the shared system prompt through one key/value cache
     single = [judge.yes_probabilities([p])[0] for p in prompts]
-    assert batched == pytest.approx(single, abs=1e-5)
+    whole = LocalLM(judge.model, tok, prefix_cache=False).yes_probabilities(prompts)
+    assert batched == pytest.approx(single, abs=1e-5) and batched == pytest.approx(whole, abs=1e-5)
     assert batched[0] != pytest.approx(batched[1], abs=1e-7)
 
 
@@ -219,6 +221,8 @@ def test_rendering_prompts_and_parsing():
     assert split_scoring_prompt(scoring_prompt("a. b", "text\nx")) == ("a. b", "text\nx")
     assert parse_yes(' "Yes, it does') == 1.0 and parse_yes("No") == 0.0 and parse_yes("") == 0.0
     assert ai.detection_score([True, False, True, False], [0.9, 0.2, 0.4, 0.5]) == 0.75
+    assert ai.detection_auroc([True, False, True, False], [0.9, 0.2, 0.4, 0.5]) == 0.75  # 0.4 < 0.5: 3 of 4 pairs
+    assert ai.detection_auroc([True, False], [0.3, 0.3]) == 0.5 and ai.detection_auroc([True], [0.3]) is None
     with pytest.raises(ValueError, match="n_random_ex_for_scoring must be at least 1"):
         ai.AutoInterpConfig(n_random_ex_for_scoring=0)
     with pytest.raises(ValueError, match="distinct first tokens for yes"):

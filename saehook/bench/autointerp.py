@@ -3,7 +3,7 @@
 For each sampled live latent of a dictionary:
 
 1. **Examples** (:mod:`saehook.bench.autointerp_examples`) from the hookpoint's cached activations over the
-   documents (:func:`saehook.bench.activations.token_activations`), windows of ``2 * buffer + 1`` tokens:
+   documents (``saehook.bench.activations.token_activations``), windows of ``2 * buffer + 1`` tokens:
    ``n_top_ex_for_generation + n_top_ex_for_scoring`` top windows and ``n_iw_sampled_ex_for_generation +
    n_iw_sampled_ex_for_scoring`` importance-weighted ones, each set split at random between explanation and
    scoring (held out), plus ``n_random_ex_for_scoring`` windows on which the latent does not activate.
@@ -37,7 +37,7 @@ from .autointerp_prompts import explanation_prompt, parse_explanation, scoring_p
 from .judges import Judge
 
 __all__ = ["AutoInterpConfig", "EVAL_TYPE_ID", "LatentExamples", "latent_examples", "render", "detection_score",
-           "latent_codes", "make_judge", "run"]
+           "detection_auroc", "latent_codes", "make_judge", "run"]
 
 EVAL_TYPE_ID = "autointerp"
 """SAEBench's ``eval_type_id`` for this eval."""
@@ -161,6 +161,17 @@ def detection_score(active: Sequence[bool], p_yes: Sequence[float]) -> float:
 
 
 @torch.no_grad()
+def detection_auroc(active: Sequence[bool], p_yes: Sequence[float]) -> float | None:
+    """The probability that an active window gets a higher ``P(yes)`` than an inactive one (ties count half): the
+    scorer's ranking, free of its yes/no bias; None without both kinds of window."""
+    pos = [p for t, p in zip(active, p_yes) if t]
+    neg = [p for t, p in zip(active, p_yes) if not t]
+    if not pos or not neg:
+        return None
+    return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+
+
+@torch.no_grad()
 def latent_codes(sae, values: Tensor, latents: Sequence[int], batch_rows: int = 4096) -> tuple[Tensor, Tensor]:
     """``(counts [n_latents], a [T, len(latents)])`` from activations ``values [T, d]``: how many tokens each latent
     fires on (code > 0), and the codes of ``latents`` (0 where a latent is not active), encoded in batches."""
@@ -212,6 +223,7 @@ def _score_latent(ex: LatentExamples, tokenizer, cfg: AutoInterpConfig, explaine
     p_yes = scorer.yes_probabilities([scoring_prompt(explanation, t) for t in texts])
     active = [s[2] for s in ex.scoring]
     return {"explanation": explanation, "score": detection_score(active, p_yes),
+            "saehook_auroc": detection_auroc(active, p_yes),
             "predictions": [i + 1 for i, p in enumerate(p_yes) if p > 0.5],
             "correct seqs": [i + 1 for i, t in enumerate(active) if t],
             "saehook_p_yes": [round(p, 6) for p in p_yes], "saehook_examples": texts}
@@ -233,9 +245,11 @@ def _metrics(per_latent: dict[int, dict], n_skipped: int) -> dict:
                 rates.append(sum((i in r["predictions"]) == want for i in idx) / len(idx))
         return _mean(rates)
 
+    aurocs = [r["saehook_auroc"] for r in per_latent.values() if r["saehook_auroc"] is not None]
     std = float(torch.tensor(scores).std()) if len(scores) > 1 else None
     return {"autointerp_score": _mean(scores), "autointerp_std_dev": std,
             "saehook_true_positive_rate": rate(True), "saehook_true_negative_rate": rate(False),
+            "saehook_auroc": _mean(aurocs),
             "saehook_n_latents_scored": len(scores), "saehook_n_latents_skipped": n_skipped}
 
 
@@ -245,14 +259,17 @@ def run(model, tokenizer, saes: Mapping, *, config: AutoInterpConfig | None = No
     """Autointerp detection scores of each dictionary in ``saes`` (``{hookpoint key: autoencoder}``).
 
     Args:
-        model, tokenizer: the model the dictionaries read, and its tokenizer (renders the windows as text).
+        model: the model the dictionaries read.
+        tokenizer: its tokenizer (renders the windows as text).
         saes: ``{key: autoencoder}``, keys as :func:`saehook.attach` takes them.
         config: :class:`AutoInterpConfig` (defaults when None).
-        cache_dir: where :func:`~saehook.bench.activations.token_activations` caches the activations (None: memory).
+        cache_dir: where ``token_activations`` (``saehook.bench.activations``) caches the activations (None: memory).
         progress: progress bars (activation collection, then latents) on stderr.
         docs: token-id lists to draw windows from; default the embedded BBC News articles, each truncated to
             ``llm_context_size`` tokens (``n_docs`` of them).
-        explainer, scorer: judges (:mod:`saehook.bench.judges`); default one :func:`make_judge` ``(config)`` for both.
+        explainer: the judge that writes explanations (:mod:`saehook.bench.judges`); default :func:`make_judge`
+            ``(config)``, shared with ``scorer``.
+        scorer: the judge that answers yes or no; default as ``explainer``.
         explanations: ``{latent: explanation}`` to score instead of asking the explainer (for every hookpoint).
 
     Returns ``{key: {"eval_type_id": "autointerp", "eval_config", "eval_result_metrics": {"autointerp":

@@ -15,6 +15,7 @@ and :class:`KeywordJudge`, a deterministic test double used only in tests.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -35,12 +36,18 @@ NO_WORDS = ("No", " No", "no", " no")
 
 
 class Judge(Protocol):
+    """What autointerp needs of a language model (explainer and scorer)."""
+
     name: str
     """What answers, for the results' config (e.g. ``"local:HuggingFaceTB/SmolLM2-135M-Instruct"``)."""
 
-    def complete(self, messages: Messages, max_new_tokens: int) -> str: ...
+    def complete(self, messages: Messages, max_new_tokens: int) -> str:
+        """The answer to chat ``messages``, at most ``max_new_tokens`` tokens, deterministic."""
+        ...
 
-    def yes_probabilities(self, prompts: list[Messages]) -> list[float]: ...
+    def yes_probabilities(self, prompts: list[Messages]) -> list[float]:
+        """For each yes/no question in ``prompts``, the probability in [0, 1] that the answer is yes."""
+        ...
 
 
 def parse_yes(text: str) -> float:
@@ -57,11 +64,16 @@ class LocalLM:
         tokenizer: its tokenizer.
         seed: set before every generation (greedy decoding needs none; a model with sampling defaults does).
         batch_size: prompts per forward in :meth:`yes_probabilities` (right-padded).
+        prefix_cache: run the prompts' common prefix once and share its key/value cache (the same numbers to
+            float rounding, about 3x faster for autointerp's scoring prompts); False: whole prompts.
     Raises ``ValueError`` if the tokenizer has no token for either of yes or no.
     """
 
-    def __init__(self, model, tokenizer, *, seed: int = 0, batch_size: int = 8):
+    def __init__(self, model, tokenizer, *, seed: int = 0, batch_size: int = 8, prefix_cache: bool = True):
         self.model, self.tokenizer, self.seed, self.batch_size = model, tokenizer, seed, batch_size
+        self.prefix_cache = prefix_cache
+        # transformers 5 renamed forward's past_key_values to cache (the old name warns)
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.name = f"local:{getattr(model.config, 'name_or_path', '') or type(model).__name__}"
         self.yes_ids, self.no_ids = self._first_ids(YES_WORDS), self._first_ids(NO_WORDS)
         if not self.yes_ids or not self.no_ids or set(self.yes_ids) & set(self.no_ids):
@@ -87,6 +99,7 @@ class LocalLM:
 
     @torch.no_grad()
     def complete(self, messages: Messages, max_new_tokens: int) -> str:
+        """Greedy continuation of :meth:`prompt_ids` ``(messages)``, special tokens dropped, stripped."""
         ids = torch.tensor([self.prompt_ids(messages)], device=self._device())
         torch.manual_seed(self.seed)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -96,21 +109,41 @@ class LocalLM:
 
     @torch.no_grad()
     def yes_probabilities(self, prompts: list[Messages]) -> list[float]:
+        """``P(yes) / (P(yes) + P(no))`` of the next token after each prompt, ``batch_size`` prompts a forward.
+        The prompts' common prefix (the system prompt) runs once and its key/value cache is shared by the batch."""
         out: list[float] = []
         for s in range(0, len(prompts), self.batch_size):
             rows = [self.prompt_ids(m) for m in prompts[s:s + self.batch_size]]
-            width = max(map(len, rows))
-            ids = torch.zeros(len(rows), width, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, r in enumerate(rows):  # right padding: a real token never attends to a pad (causal)
-                ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+            n = _common_prefix(rows) if self.prefix_cache else 0
+            n = min(n, min(map(len, rows)) - 1)  # every row keeps a token to predict from
             dev = self._device()
-            logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits  # [B, T, V]
-            last = logits[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])].float()
+            cache = None
+            if n >= 8:
+                cache = self.model(input_ids=torch.tensor([rows[0][:n]], device=dev), use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(rows))
+            else:
+                n = 0
+            width = max(map(len, rows)) - n
+            ids = torch.zeros(len(rows), width, dtype=torch.long)
+            mask = torch.zeros(len(rows), n + width, dtype=torch.long)
+            for i, r in enumerate(rows):  # right padding: a real token never attends to a pad (causal)
+                ids[i, :len(r) - n], mask[i, :len(r)] = torch.tensor(r[n:]), 1
+            logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                **({self._cache_arg: cache} if cache is not None else {})).logits  # [B, T - n, V]
+            last = logits[torch.arange(len(rows)), torch.tensor([len(r) - n - 1 for r in rows])].float()
             p = last.softmax(-1).cpu()  # [B, V]
             p_yes, p_no = p[:, self.yes_ids].sum(-1), p[:, self.no_ids].sum(-1)
             out += (p_yes / (p_yes + p_no).clamp_min(1e-30)).tolist()
         return out
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    n = 0
+    for column in zip(*rows):
+        if any(c != column[0] for c in column):
+            break
+        n += 1
+    return n
 
 
 class OpenAIChat:
@@ -171,6 +204,7 @@ class OpenAIChat:
                                "at an OpenAI-compatible /v1 endpoint") from None
 
     def yes_probabilities(self, prompts: list[Messages]) -> list[float]:
+        """1.0 or 0.0 per prompt: whether the endpoint's reply (3 tokens at most) starts with "yes"."""
         return [parse_yes(self.complete(m, 3)) for m in prompts]
 
 
@@ -185,12 +219,14 @@ class KeywordJudge:
     name = "keyword (test double)"
 
     def complete(self, messages: Messages, max_new_tokens: int) -> str:
+        """Names the most often marked token of the last message (``max_new_tokens`` is ignored)."""
         marked = Counter(t.strip() for t in re.findall(r"<<(.*?)>>", messages[-1]["content"]))
         if not marked:
             return "This neuron activates on nothing."
         return f"This neuron activates on the token '{marked.most_common(1)[0][0]}'."
 
     def yes_probabilities(self, prompts: list[Messages]) -> list[float]:
+        """1.0 where a quoted word of the explanation occurs in the example as a whole token, else 0.0."""
         out = []
         for m in prompts:
             explanation, example = split_scoring_prompt(m)
