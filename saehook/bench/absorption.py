@@ -121,7 +121,8 @@ def word_absorption(x: Tensor, values: Tensor, indices: Tensor, u: Tensor, decod
 
     Args:
         x: ``[N, d]`` the words' activations.
-        values, indices: ``[N, k]`` their codes (latent ``indices[i, j]`` active with ``values[i, j]``).
+        values: ``[N, k]`` their codes' activations (latent ``indices[i, j]`` active with ``values[i, j]``).
+        indices: ``[N, k]`` their codes' latent ids.
         u: ``[d]`` the letter's probe weight (normalised here).
         decoder: ``[n_latents, d]`` each latent's decoder row in the activation's units.
         main: ``[m]`` int, the letter's main latents.
