@@ -1,7 +1,8 @@
 """Interop check against the real peer libraries (needs the benchmark-only venv with eai-sparsify and sae-lens):
 saehook -> sparsify / SAELens files load in those libraries with the same reconstructions, and their own files
-load in saehook; the same both ways for SAELens's jumprelu architecture (saehook.JumpReLUSAE) and sparsify's
-transcoders with a skip connection (saehook.transcoder.SkipTranscoder).
+load in saehook; the same both ways for SAELens's jumprelu architecture (saehook.JumpReLUSAE), its batchtopk and
+matryoshka_batchtopk (saehook.BatchTopKSAE / MatryoshkaBatchTopKSAE), and sparsify's transcoders with a skip
+connection (saehook.transcoder.SkipTranscoder).
 
     .venv-bench/bin/python benchmarks/check_formats_with_peers.py
 """
@@ -72,6 +73,48 @@ with torch.no_grad():
 sl_jr.save_model(str(tmp / "real_jr"))
 s3 = saehook.load(tmp / "real_jr")
 results["sae-lens jumprelu -> saehook"] = s3.decode(s3.encode(x)) - sl_jr(x)
+
+# BatchTopK and Matryoshka BatchTopK: SAELens's training checkpoints (save_model: architecture batchtopk /
+# matryoshka_batchtopk, topk_threshold, rescale_acts_by_decoder_norm on) read by saehook against SAELens's own
+# inference conversion of the same weights (save_inference_model: a jumprelu at topk_threshold) run by SAELens;
+# that jumprelu file read by saehook; and saehook's BatchTopK / Matryoshka written by save_saelens, run by SAELens.
+from sae_lens import (  # noqa: E402
+    BatchTopKTrainingSAE,
+    BatchTopKTrainingSAEConfig,
+    MatryoshkaBatchTopKTrainingSAE,
+    MatryoshkaBatchTopKTrainingSAEConfig,
+)
+
+for arch, cls, cfg_cls, extra in (
+        ("batchtopk", BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, {}),
+        ("matryoshka_batchtopk", MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig,
+         {"matryoshka_widths": [8, 24, 64]})):
+    real = cls(cfg_cls(d_in=16, d_sae=64, k=4, dtype="float32", device="cpu", **extra))
+    with torch.no_grad():
+        for p in real.parameters():
+            p.normal_(0, 0.3)
+        real.topk_threshold.fill_(0.35)
+    real.save_model(tmp / f"real_{arch}")
+    real.save_inference_model(tmp / f"real_{arch}_inference")
+    ref_sl = SAE.load_from_disk(str(tmp / f"real_{arch}_inference"), device="cpu")
+    mine = saehook.load(tmp / f"real_{arch}")
+    assert type(mine).__name__ == ("BatchTopKSAE" if arch == "batchtopk" else "MatryoshkaBatchTopKSAE"), type(mine)
+    l0 = float((mine.encode(x).values > 0).sum(-1).float().mean())
+    print(f"{arch}: L0 {l0:.1f} of 64 on these rows, prefixes {getattr(mine, 'prefixes', None)}")
+    results[f"sae-lens {arch} -> saehook"] = mine.decode(mine.encode(x)) - ref_sl(x)
+    inf = saehook.load(tmp / f"real_{arch}_inference")
+    results[f"sae-lens {arch} inference -> saehook"] = inf.decode(inf.encode(x)) - ref_sl(x)
+    ours = (saehook.MatryoshkaBatchTopKSAE(16, 64, 4, k_max=64, prefixes=[8, 24, 64]) if extra
+            else saehook.BatchTopKSAE(16, 64, 4, k_max=64))  # k_max = n: SAELens's threshold has no cap
+    with torch.no_grad():
+        ours.W_enc.add_(0.2 * torch.randn_like(ours.W_enc))
+        ours.b_enc.normal_(0, 0.1)
+        ours.b_dec.normal_(0, 0.3)
+        ours.input_scale.fill_(0.5)
+    ours.fit_threshold_(torch.randn(256, 16))
+    save_saelens(ours, tmp / f"ours_{arch}", hook_name="blocks.1.hook_resid_post", model_name="tiny")
+    results[f"saehook {arch} -> sae-lens"] = (SAE.load_from_disk(str(tmp / f"ours_{arch}"), device="cpu")(x)
+                                              - ours.decode(ours.encode(x)))
 
 # transcoders: saehook's SkipTranscoder (fitted scales) -> sparsify's transcode + skip_connection, and back
 from saehook.transcoder import SkipTranscoder  # noqa: E402

@@ -297,10 +297,10 @@ def test_saelens_round_trip_identical(tmp_path, scale):
 def test_saelens_refusals(tmp_path):
     # jumprelu loads (tests/test_jumprelu.py); other architectures are refused
     write_saelens(tmp_path / "gt", {"architecture": "gated", "apply_b_dec_to_input": True})
-    with pytest.raises(FormatError, match="SAELens 'gated' autoencoder.*'topk' and 'jumprelu' only"):
+    with pytest.raises(FormatError, match="SAELens 'gated' autoencoder.*'jumprelu', .*'matryoshka_batchtopk' only"):
         load(tmp_path / "gt")
     write_saelens(tmp_path / "std", {"architecture": "standard", "activation_fn_str": "relu"})
-    with pytest.raises(FormatError, match="'standard'.*'topk' and 'jumprelu' only"):
+    with pytest.raises(FormatError, match="'standard'.*'jumprelu', .*'matryoshka_batchtopk' only"):
         load(tmp_path / "std")
     write_saelens(tmp_path / "cn", {"architecture": "topk", "k": K, "normalize_activations": "constant_norm_rescale"})
     with pytest.raises(FormatError, match="constant_norm_rescale"):

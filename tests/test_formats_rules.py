@@ -149,7 +149,7 @@ def test_saelens_refuses_what_saelens_reads_as_another_architecture(tmp_path):
     """handle_pre_6_0_config makes a config 'topk' only with activation_fn 'topk' *and* activation_fn_kwargs.k;
     without the k it stays 'standard' (a ReLU SAE). A 6.x config must name its architecture."""
     write_saelens(tmp_path / "std", {"architecture": "standard", "activation_fn_str": "topk"})
-    with pytest.raises(FormatError, match="SAELens 'standard' autoencoder.*'topk' and 'jumprelu' only"):
+    with pytest.raises(FormatError, match="SAELens 'standard' autoencoder.*'jumprelu', .*'matryoshka_batchtopk' only"):
         load(tmp_path / "std")
     write_saelens(tmp_path / "v6", {"k": 4, "sae_lens_version": "6.1.0"})
     with pytest.raises(FormatError, match="must say its 'architecture'"):

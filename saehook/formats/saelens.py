@@ -30,10 +30,20 @@ SAELens's ``jumprelu`` architecture (Gemma Scope's, whose ``params.npz`` holds t
 ReLU has not already zeroed, so ``theta = 0`` is the same function). The same folds apply (``b_dec``, the input
 scale, per-latent scaling factors; ``rescale_acts_by_decoder_norm`` is a TopK field SAELens ignores for jumprelu).
 Its cap ``k`` is ``cfg.json``'s ``"k"`` when present (saehook writes it), else ``d_sae``: no cap.
+
+SAELens's ``batchtopk`` and ``matryoshka_batchtopk`` training checkpoints (``TrainingSAE.save_model``: the four
+tensors and a scalar ``topk_threshold``, the moving average of each batch's smallest kept activation; ``k`` in
+``cfg.json``, ``matryoshka_widths`` the nested prefixes) read into a :class:`~saehook.BatchTopKSAE` /
+:class:`~saehook.MatryoshkaBatchTopKSAE` with ``threshold = topk_threshold``, the same folds (including
+``rescale_acts_by_decoder_norm``, on by default there, whose units the threshold is in), ``k`` that must be an
+integer, and the cap ``k_max = d_sae`` (SAELens's threshold has none) unless ``cfg.json`` names one. At inference
+that is SAELens's own conversion: its ``save_inference_model`` writes them as a ``jumprelu`` whose every threshold
+is ``topk_threshold`` (which loads as above).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -44,6 +54,7 @@ import torch
 from .. import atomic
 from ..batchtopk import BatchTopKSAE
 from ..jumprelu import JumpReLUSAE
+from ..matryoshka import MatryoshkaBatchTopKSAE
 from ..sae import TopKSAE
 from ._common import (
     FormatError,
@@ -61,6 +72,8 @@ WEIGHTS = "sae_weights.safetensors"
 SCALER = "activation_scaler.json"  # SAELens checkpoints: {"scaling_factor": f}
 TENSORS = {"W_enc", "b_enc", "W_dec", "b_dec"}
 JUMPRELU_TENSORS = TENSORS | {"threshold"}
+BATCHTOPK_TENSORS = TENSORS | {"topk_threshold"}
+BATCH_ARCHITECTURES = ("batchtopk", "matryoshka_batchtopk")  # SAELens training checkpoints only
 TOPK_DEFAULT_K = 100  # SAELens's TopKSAEConfig.k, used when a TopK cfg.json has no k
 OPTIONAL = {"scaling_factor", "finetuning_scaling_factor", "norm_scaling_factor"}
 
@@ -133,13 +146,15 @@ def load_saelens(path: str | os.PathLike, *, device: torch.device | str | None =
     cfg = read_json(path / CFG)
     where = str(path)
     arch, k = architecture_and_k(cfg, where)
-    if arch not in ("topk", "jumprelu"):
+    if arch not in ("topk", "jumprelu", *BATCH_ARCHITECTURES):
         act = cfg.get("activation_fn_str", cfg.get("activation_fn")) or "relu"
         raise FormatError(f"{where} is a SAELens {arch!r} autoencoder (activation {act!r}) by SAELens's own reading "
-                          f"of its cfg.json; saehook loads the architectures 'topk' and 'jumprelu' only")
-    jump = arch == "jumprelu"
+                          f"of its cfg.json; saehook loads the architectures 'topk', 'jumprelu', 'batchtopk' and "
+                          f"'matryoshka_batchtopk' only")
+    jump, batch = arch == "jumprelu", arch in BATCH_ARCHITECTURES
     t = read_safetensors(path / WEIGHTS)
-    check_tensors(t, JUMPRELU_TENSORS if jump else TENSORS, OPTIONAL, where, f"SAELens {arch}")
+    check_tensors(t, JUMPRELU_TENSORS if jump else BATCHTOPK_TENSORS if batch else TENSORS, OPTIONAL, where,
+                  f"SAELens {arch}")
     file_dtype = t["W_dec"].dtype
     W_enc, b_enc, W_dec, b_dec = (t[n].to(torch.float64) for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
     if W_enc.dim() != 2:
@@ -158,7 +173,7 @@ def load_saelens(path: str | os.PathLike, *, device: torch.device | str | None =
     for name in ("scaling_factor", "finetuning_scaling_factor"):
         if name in t:  # z -> z * f before decoding
             W_dec = W_dec * t[name].to(torch.float64).reshape(-1, 1)
-    if cfg.get("rescale_acts_by_decoder_norm") and not jump:
+    if cfg.get("rescale_acts_by_decoder_norm") and not jump:  # topk and the batchtopk training checkpoints
         norms = W_dec.norm(dim=1)
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
 
@@ -197,6 +212,9 @@ def load_saelens(path: str | os.PathLike, *, device: torch.device | str | None =
     if jump:
         return _jumprelu(cfg, t, (W_enc, b_enc, W_dec, b_dec), where=where, scale=scale, dtype=dtype or file_dtype,
                          device=device, metadata=meta)
+    if batch:
+        return _batchtopk(arch, cfg, t, (W_enc, b_enc, W_dec, b_dec), where=where, scale=scale,
+                          dtype=dtype or file_dtype, device=device, metadata=meta)
     return build_sae(W_enc, b_enc, W_dec, b_dec, int(k), where=where, input_scale=scale,
                      cls=LayerNormTopKSAE if layernorm else TopKSAE, dtype=dtype or file_dtype, device=device,
                      metadata=meta)
@@ -220,6 +238,34 @@ def _jumprelu(cfg: dict, t: dict, weights: tuple, *, where: str, scale: float, d
                     device=device, metadata=metadata)
     with torch.no_grad():  # theta <= 0 and theta = 0 are the same function after SAELens's ReLU: log(0) = -inf
         sae.log_threshold.copy_(theta.clamp_min(0).log())
+    return sae
+
+
+def _batchtopk(arch: str, cfg: dict, t: dict, weights: tuple, *, where: str, scale: float, dtype: torch.dtype,
+               device, metadata: dict) -> BatchTopKSAE:
+    """A :class:`~saehook.BatchTopKSAE` (``arch == "batchtopk"``) or :class:`~saehook.MatryoshkaBatchTopKSAE` from
+    folded float64 ``weights`` and ``t["topk_threshold"]``; ``k`` from ``cfg["k"]`` (SAELens's default 100), the cap
+    ``k_max`` from ``cfg["k_max"]``, else ``d_sae``; the prefixes from ``cfg["matryoshka_widths"]`` (``d_sae``
+    appended when missing, as SAELens does). Raises ``FormatError`` for a k that is not a whole number, a bad
+    threshold or bad widths."""
+    W_enc, b_enc, W_dec, b_dec = weights
+    n = W_enc.shape[0]
+    k = cfg.get("k", TOPK_DEFAULT_K)
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or k != int(k) or not 1 <= k <= n:
+        raise FormatError(f"{where}: a SAELens {arch} k of {k!r} latents per row on average; saehook's BatchTopK "
+                          f"takes a whole number in [1, d_sae = {n}]: round it in cfg.json to load the file")
+    theta = t["topk_threshold"].to(torch.float64)
+    if theta.numel() != 1 or not bool(torch.isfinite(theta).all()):
+        raise FormatError(f"{where}: topk_threshold must be one finite number, got shape {tuple(theta.shape)}")
+    kw = {"k_max": cfg.get("k_max", n)}
+    if arch == "matryoshka_batchtopk":
+        widths = list(cfg.get("matryoshka_widths") or [])
+        kw["prefixes"] = widths if widths and widths[-1] == n else [*widths, n]
+    cls = MatryoshkaBatchTopKSAE if arch == "matryoshka_batchtopk" else BatchTopKSAE
+    sae = build_sae(W_enc, b_enc, W_dec, b_dec, int(k), where=where, input_scale=scale,
+                    cls=functools.partial(cls, **kw), dtype=dtype, device=device, metadata=metadata)
+    with torch.no_grad():  # SAELens starts it at 0 (not -1): a checkpoint before any batch gates at 0, as it would
+        sae.threshold.copy_(theta.reshape(()))
     return sae
 
 
