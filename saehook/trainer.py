@@ -71,7 +71,8 @@ class SAETrainer:
             tune_cpu_allocator()  # reuse freed blocks instead of page-faulting them in every step
         # torch's fused Adam (one pass over each parameter instead of ~8) exists for CPU and CUDA floats.
         fused = sae.W_enc.device.type in ("cpu", "cuda") and sae.W_enc.dtype in (torch.float32, torch.float64)
-        self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+        groups = sae.optimizer_groups() if hasattr(sae, "optimizer_groups") else sae.parameters()  # JumpReLU: 2
+        self.opt = torch.optim.Adam(groups, lr=self.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
         self.init_rows = min(cfg.init_samples, total_tokens) if total_tokens else cfg.init_samples
         """Rows :meth:`initialize` fits the input scale and ``b_dec`` on (all ranks together):
         ``config.init_samples``, or the whole run when it is shorter."""
@@ -218,7 +219,7 @@ class SAETrainer:
             return self._metrics(None)
         self.lr = self.peak_lr * cfg.lr_factor(self.step_count, self.total_steps)
         for group in self.opt.param_groups:
-            group["lr"] = self.lr
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)  # a group's own multiplier (JumpReLU's thresholds)
         self._reduce_grads()
         sae.remove_parallel_decoder_grad_()
         if cfg.grad_clip is not None:

@@ -192,6 +192,10 @@ def test_openai_errors_before_and_without_a_server(monkeypatch):
         OpenAIChat("http://127.0.0.1:9/v1")
     with pytest.raises(ConnectionError, match="cannot reach http://127.0.0.1:9/v1/chat/completions"):
         OpenAIChat("http://127.0.0.1:9/v1", "m", timeout=2).complete([{"role": "user", "content": "hi"}], 3)
+    monkeypatch.setenv("SAEHOOK_JUDGE_URL", "http://127.0.0.1:9/v1")  # how the CLI's autointerp reaches an endpoint
+    monkeypatch.setenv("SAEHOOK_JUDGE_MODEL", "m")
+    assert ai.make_judge(ai.AutoInterpConfig()).name == "openai:m@http://127.0.0.1:9/v1"
+    assert ai.make_judge(ai.AutoInterpConfig(judge_model="x")).name == "openai:x@http://127.0.0.1:9/v1"
 
 
 def test_window_sampling_on_planted_activations():

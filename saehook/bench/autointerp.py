@@ -25,6 +25,7 @@ scores 0.5. Seeds: latents drawn with ``random_seed``; each latent's draws with 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -194,12 +195,15 @@ def latent_codes(sae, values: Tensor, latents: Sequence[int], batch_rows: int = 
 
 
 def make_judge(cfg: AutoInterpConfig) -> Judge:
-    """The judge ``cfg`` names: :class:`~saehook.bench.judges.OpenAIChat` at ``judge_url``, else a
+    """The judge ``cfg`` names: :class:`~saehook.bench.judges.OpenAIChat` at ``judge_url`` (or, when that is None,
+    at ``$SAEHOOK_JUDGE_URL`` if set: how ``saehook eval --suite autointerp`` reaches an endpoint), else a
     :class:`~saehook.bench.judges.LocalLM` over :func:`saehook.load_model` ``(judge_model)``."""
     from .judges import LocalLM, OpenAIChat
 
-    if cfg.judge_url:
-        return OpenAIChat(cfg.judge_url, cfg.judge_model or None, seed=cfg.random_seed)
+    url = cfg.judge_url or os.environ.get("SAEHOOK_JUDGE_URL")
+    if url:
+        model = cfg.judge_model if cfg.judge_url or cfg.judge_model != "smollm2" else None  # then $SAEHOOK_JUDGE_MODEL
+        return OpenAIChat(url, model, seed=cfg.random_seed)
     from ..models import load_model
 
     return LocalLM(*load_model(None if cfg.judge_model.lower() in ("", "smollm2") else cfg.judge_model),
