@@ -9,7 +9,9 @@ Protocol (the same for every member):
 - training: ``saehook.sweep.Sweep`` (one shuffle buffer, every batch a step of every member), ``TrainConfig()``'s
   defaults for the budget, ``e2e_fraction=0`` (an equal, purely local recipe for all);
 - members: ``TopKSAE``, ``BatchTopKSAE`` and ``MatryoshkaBatchTopKSAE`` at each k of ``--ks``; ``JumpReLUSAE`` at
-  each coefficient of ``--jumprelu-coefs`` (its L0 is whatever the penalty gives; the cap ``--jumprelu-cap``);
+  each coefficient of ``--jumprelu-coefs`` (its L0 is whatever the penalty gives; the cap ``--jumprelu-cap``),
+  and at each target L0 of ``--jumprelu-target-l0`` (thresholds set from the first sample for that L0, then the
+  ``(L0 / target - 1)^2`` penalty);
 - evaluation: ``saehook.evaluate`` on the first ``--eval-windows`` held-out windows, the member spliced at the
   hookpoint: held-out FVU, L0 and dead fraction, delta LM loss and KL;
 - transcoder: ``Transcoder(d, n, k)`` at ``model.layers.<layer>.mlp`` trained online with ``hooked.train`` for
@@ -46,6 +48,14 @@ p.add_argument("--jumprelu-threshold-init", type=float, nargs="+", default=[2.0]
                     "about 2%% of the latents through at init; the default 0.024 lets half through, and log-space "
                     "thresholds move only a few e-folds in a short run); several values: a member per coefficient "
                     "and initial threshold")
+p.add_argument("--jumprelu-target-l0", type=float, nargs="*", default=[],
+               help="JumpReLU members trained for these mean L0s (JumpReLUSAE(target_l0=...): thresholds from the "
+                    "first sample, then dictionary_learning's (L0 / target - 1)^2 penalty); none by default")
+p.add_argument("--jumprelu-target-coef", type=float, default=None,
+               help="sparsity_coef of the target-L0 members (default: JumpReLUSAE's, 1.0)")
+p.add_argument("--jumprelu-threshold-lr-scale", type=float, default=None,
+               help="every JumpReLU member's threshold learning rate over the trainer's (default: JumpReLUSAE's, 1.0, "
+                    "or 10 with a target L0; 30 lets the coefficients set L0 within a few hundred steps)")
 p.add_argument("--tokens", type=parse_count, default=parse_count("1M"), help="training rows per member")
 p.add_argument("--activations", type=Path, default=None, help="safetensors file with rows [N, d] of the layer")
 p.add_argument("--context", type=int, default=128)
@@ -90,7 +100,12 @@ for k in args.ks:
 for c in args.jumprelu_coefs:
     for t in args.jumprelu_threshold_init:
         name = f"jumprelu-{c:g}" + (f"-init{t:g}" if len(args.jumprelu_threshold_init) > 1 else "")
-        members[name] = saehook.JumpReLUSAE(d, n, args.jumprelu_cap, sparsity_coef=c, threshold_init=t)
+        members[name] = saehook.JumpReLUSAE(d, n, args.jumprelu_cap, sparsity_coef=c, threshold_init=t,
+                                            threshold_lr_scale=args.jumprelu_threshold_lr_scale)
+for t in args.jumprelu_target_l0:
+    members[f"jumprelu-t{t:g}"] = saehook.JumpReLUSAE(d, n, args.jumprelu_cap, target_l0=t,
+                                                      sparsity_coef=args.jumprelu_target_coef,
+                                                      threshold_lr_scale=args.jumprelu_threshold_lr_scale)
 if args.only:
     members = {name: sae for name, sae in members.items() if name in args.only}
 cfg = saehook.TrainConfig(e2e_fraction=0)
