@@ -191,3 +191,19 @@ def test_run_on_a_tiny_model(tmp_path):
         ab.run(model, tok, {0: sae}, config=ab.AbsorptionConfig(min_GT_probe_f1=1.0, probe_num_epochs=1,
                                                                   max_k_value=1, k_sparse_probe_num_epochs=1),
                cache_dir=tmp_path, progress=False)
+
+
+
+def test_projections_are_in_the_activation_units():
+    # input_scale 4: the codes are in normalised units (4x), decode divides by 4. x = 4 e0 is rebuilt exactly
+    # from the main latent (1/4 of it) and an absorber (3/4). p_j in the activation's units gives the fraction
+    # 0.75; SAEBench's a_j cos_j (meant for unscaled inputs) would give M = 4 >= P = 4, i.e. 0
+    sae = saehook.TopKSAE(2, 3, k=2)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[0.25, 0.0], [0.75, 0.0], [0.0, 1.0]]))
+        sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+        sae.b_enc.zero_(), sae.b_dec.zero_(), sae.input_scale.fill_(4.0)
+    x = torch.tensor([[4.0, 0.0]])
+    torch.testing.assert_close(sae.decode(sae.encode(x)), x)
+    frac, full = ab.sae_word_absorption(sae, x, torch.tensor([1.0, 0.0]), torch.tensor([0]))
+    assert frac.tolist() == pytest.approx([0.75]) and full.tolist() == [False]

@@ -50,7 +50,8 @@ from .letter_probes import dense_columns, f1_score, fit_balanced_logreg, train_l
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AbsorptionConfig", "EVAL_TYPE_ID", "word_absorption", "main_latents", "absorption_scores", "run"]
+__all__ = ["AbsorptionConfig", "EVAL_TYPE_ID", "word_absorption", "sae_word_absorption", "main_latents",
+           "absorption_scores", "run"]
 
 EVAL_TYPE_ID = "absorption_first_letter"
 FULL_ABSORPTION_PROBE_COS_THRESHOLD = 0.025
@@ -190,6 +191,13 @@ def _decoder_in_activation_units(sae: TopKSAE) -> Tensor:
         if getattr(sae, "per_row_scale", False):
             return sae.W_dec.detach().float().cpu()
         return sae.unscale(sae.W_dec.detach()).float().cpu()
+
+
+def sae_word_absorption(sae: TopKSAE, x: Tensor, u: Tensor, main: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`word_absorption` of the words ``x [N, d]`` under ``sae``'s codes, with its decoder rows in the
+    activation's units (``sae.unscale(W_dec)``; a per-row factor for a per-row normalisation)."""
+    values, indices, row_scale = _codes(sae, x)
+    return word_absorption(x, values, indices, u, _decoder_in_activation_units(sae), main, row_scale)
 
 
 def absorption_scores(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, sae: TopKSAE,
