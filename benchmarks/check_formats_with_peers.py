@@ -2,7 +2,8 @@
 saehook -> sparsify / SAELens files load in those libraries with the same reconstructions, and their own files
 load in saehook; the same both ways for SAELens's jumprelu architecture (saehook.JumpReLUSAE), its batchtopk and
 matryoshka_batchtopk (saehook.BatchTopKSAE / MatryoshkaBatchTopKSAE), and sparsify's transcoders with a skip
-connection (saehook.transcoder.SkipTranscoder).
+connection (saehook.transcoder.SkipTranscoder); dictionary_learning's BatchTopK, Matryoshka and JumpReLU ae.pt
+refused, their state dicts converted (saehook.formats.dictionary_learning.from_state_dict).
 
     .venv-bench/bin/python benchmarks/check_formats_with_peers.py
 """
@@ -136,6 +137,47 @@ with torch.no_grad():
 sc_tc.save_to_disk(tmp / "real_tc")
 s4 = saehook.load(tmp / "real_tc")
 results["sparsify transcoder -> saehook"] = s4.decode(s4.encode(x)) - sc_tc(x).sae_out
+
+# dictionary_learning (pip install --no-deps dictionary-learning==0.1.0 into .venv-bench): its ae.pt (a pickle) is
+# refused by saehook.load, and the state dict, unpickled here as the refusal says, converts with the same outputs.
+# Its package __init__ imports ActivationBuffer (nnsight, not installed), so the two packages are entered without
+# their __init__: the autoencoder classes are its own code, unchanged.
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+
+from saehook.formats import FormatError  # noqa: E402
+from saehook.formats.dictionary_learning import from_state_dict  # noqa: E402
+
+dl_dir = Path(importlib.util.find_spec("dictionary_learning").submodule_search_locations[0])
+for pkg, where in (("dictionary_learning", dl_dir), ("dictionary_learning.trainers", dl_dir / "trainers")):
+    sys.modules[pkg] = types.ModuleType(pkg)
+    sys.modules[pkg].__path__ = [str(where)]
+from dictionary_learning.dictionary import JumpReluAutoEncoder  # noqa: E402
+from dictionary_learning.trainers.batch_top_k import BatchTopKSAE as DLBatchTopK  # noqa: E402
+from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE as DLMatryoshka  # noqa: E402
+
+for dl in (DLBatchTopK(16, 64, 4), DLMatryoshka(16, 64, 4, [8, 24, 32]), JumpReluAutoEncoder(16, 64)):
+    name = type(dl).__name__
+    with torch.no_grad():
+        for p in dl.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        dl.threshold.fill_(0.3) if name != "JumpReluAutoEncoder" else dl.threshold.uniform_(-0.1, 0.4)
+    run = tmp / f"dl_{name}"
+    run.mkdir()
+    torch.save({k: v.cpu() for k, v in dl.state_dict().items()}, run / "ae.pt")  # as dictionary_learning.training
+    (run / "config.json").write_text(json.dumps({"trainer": {"dict_class": name, "k": 4}, "buffer": {}}))
+    try:
+        saehook.load(run)
+        raise AssertionError(f"saehook.load read the pickle {run / 'ae.pt'}")
+    except FormatError as e:
+        assert "from_state_dict" in str(e) and name in str(e), e
+    conv = from_state_dict(torch.load(run / "ae.pt", weights_only=True), name)
+    conv.eval()
+    print(f"dictionary_learning {name} -> saehook {type(conv).__name__}: L0 "
+          f"{float((conv.encode(x).values > 0).sum(-1).float().mean()):.1f} of 64")
+    results[f"dictionary_learning {name} -> saehook"] = conv.decode(conv.encode(x)) - dl(x)
 
 for name, diff in results.items():
     err = diff.abs().max().item()

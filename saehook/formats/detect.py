@@ -12,13 +12,14 @@ from ..architectures import class_for
 from ..atomic import committed
 from ..hookpoints import hookpoint_dirname
 from ..sae import CFG_NAME, WEIGHTS_NAME, TopKSAE, shard_weights_name
-from . import saelens, sparsify
+from . import dictionary_learning, saelens, sparsify
 from ._common import KNOWN_FORMATS, FormatError, listing, read_json, tensor_names
 from .layernorm import LN_FORMAT, LayerNormTopKSAE
 from .openai import is_torch_file, load_openai
 
-FORMATS = ("saehook", "saehook-layernorm", "sparsify", "saelens", "openai")
-"""The single-autoencoder formats :func:`detect_format` recognises and :func:`load` reads."""
+FORMATS = ("saehook", "saehook-layernorm", "sparsify", "saelens", "openai", "dictionary_learning")
+"""The single-autoencoder formats :func:`detect_format` recognises; :func:`load` reads them all but
+``dictionary_learning`` (a pickle: refused, with how to convert it; :mod:`saehook.formats.dictionary_learning`)."""
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SKIP_DIRS = {"checkpoints"}  # saehook training keeps copies of every hookpoint there
 MAX_DEPTH = 3
@@ -27,6 +28,8 @@ MAX_DEPTH = 3
 def single_format(path: str | os.PathLike) -> str | None:
     """The format of one autoencoder at ``path`` (one of :data:`FORMATS`), or None if it is not one."""
     path = committed(path)
+    if dictionary_learning.is_dictionary_learning(path):
+        return "dictionary_learning"
     if path.is_file():
         return "openai" if is_torch_file(path) else None
     if not (path / CFG_NAME).is_file():
@@ -101,6 +104,8 @@ def _load_one(path: Path, fmt: str, device, dtype) -> TopKSAE:
         return saelens.load_saelens(path, device=device, dtype=dtype)
     if fmt == "openai":
         return load_openai(path, device=device, dtype=dtype)
+    if fmt == "dictionary_learning":
+        raise dictionary_learning.refusal(path)
     raise AssertionError(fmt)
 
 
