@@ -180,3 +180,16 @@ def test_run_suite_writes_saebench_json_plots_and_the_cli_runs_it(tmp_path, caps
     assert cli_rec["eval_result_details"][0]["saehook_tasks"]["a"]["saehook_top_latents"][0] == 0
     assert not (run / "report.json").exists()  # --suite without core: no core report
     assert isinstance(saehook.TopKSAE.load(run / "model.layers.0"), saehook.TopKSAE)
+
+
+def test_max_documents_per_label_collects_only_the_documents_kept(tmp_path):
+    import json
+
+    model, docs = _topic_model(), _topic_docs()
+    config = SparseProbingConfig(k_values=(1,), max_documents_per_label=20, test_fraction=0.25)
+    res = run(model, None, {0: TopKSAE(64, 32, 4)}, config=config, documents=docs, progress=False,
+              cache_dir=tmp_path)[0]
+    task = res["eval_result_details"][0]["saehook_tasks"]["a"]
+    assert (task["saehook_train_docs"], task["saehook_test_docs"]) == (30, 10)  # 15 + 15 train, 5 + 5 test
+    (meta,) = tmp_path.glob("*/meta.json")
+    assert json.loads(meta.read_text())["documents"] == 60  # 3 labels x 20, not all 180

@@ -54,7 +54,8 @@ def run_suite(model, saes: Mapping, suites: str | Sequence[str] = "sparse_probin
     """Run benchmark metrics on ``saes`` and write their JSON: ``{suite: {key: result}}``.
 
     Args:
-        model, tokenizer: a Hugging Face causal LM and its tokenizer.
+        model: a Hugging Face causal LM.
+        tokenizer: its tokenizer.
         saes: ``{hookpoint key: autoencoder}`` as :func:`saehook.attach` takes them (one dictionary per
             hookpoint; run again with another ``name`` and the same ``cache_dir`` for another dictionary).
         suites: names from :data:`SUITES`, comma-separated or a list, or ``"all"``.

@@ -278,7 +278,8 @@ def run(model, tokenizer, saes: Mapping[Key, TopKSAE], *, config: SparseProbingC
     """Sparse probing of each autoencoder on its hookpoint: ``{key: SAEBench-style result dict}``.
 
     Args:
-        model, tokenizer: a Hugging Face causal LM and its tokenizer (the tokenizer only reads ``config.source``).
+        model: a Hugging Face causal LM.
+        tokenizer: its tokenizer (only used to read ``config.source``).
         saes: ``{hookpoint key: autoencoder}`` as :func:`saehook.attach` takes them.
         config: :class:`SparseProbingConfig` (default: BBC News's five topics, k = 1, 2, 5, 10, 20).
         cache_dir: where activations are cached (:func:`~saehook.bench.activations.token_activations`).
@@ -303,6 +304,13 @@ def run(model, tokenizer, saes: Mapping[Key, TopKSAE], *, config: SparseProbingC
     if len(set(labels)) < 2:
         raise ValueError(f"sparse probing needs at least 2 labels, got {sorted(set(labels))}")
     train, test = split_documents(labels, config)
+    if len(train) + len(test) < len(documents):  # max_documents_per_label: collect only the documents kept
+        keep = sorted(train + test)
+        where = {i: j for j, i in enumerate(keep)}
+        documents, labels = [documents[i] for i in keep], [labels[i] for i in keep]
+        train, test = [where[i] for i in train], [where[i] for i in test]
+        if activations is not None:
+            raise ValueError("activations= must be of the documents kept: leave max_documents_per_label None")
     if activations is None:
         activations = token_activations(model, saes, [ids for ids, _ in documents], cache_dir=cache_dir,
                                         tag=f"sparse_probing-{dataset}", batch_size=config.llm_batch_size,
