@@ -172,11 +172,12 @@ def test_run_suite_writes_saebench_json_plots_and_the_cli_runs_it(tmp_path, caps
     planted.metadata["hookpoint"] = "model.layers.0"
     planted.save(run / "model.layers.0")
     assert main(["eval", "--sae", str(run / "model.layers.0"), "--model", str(run / "model"), "--suite",
-                 "sparse_probing", "--labelled", str(labelled), "--no-progress"]) == 0
+                 "sparse_probing", "--labelled", str(labelled), "--max-documents-per-label", "50",
+                 "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "sparse_probing model.layers.0" in printed and "sae_top_1_test_accuracy" in printed
     (cli_rec,) = read_results(run / "saebench", "sparse_probing").values()
-    assert cli_rec["saehook_hookpoint"] == "model.layers.0"
+    assert cli_rec["saehook_hookpoint"] == "model.layers.0" and cli_rec["eval_config"]["max_documents_per_label"] == 50
     assert cli_rec["eval_result_details"][0]["saehook_tasks"]["a"]["saehook_top_latents"][0] == 0
     assert not (run / "report.json").exists()  # --suite without core: no core report
     assert isinstance(saehook.TopKSAE.load(run / "model.layers.0"), saehook.TopKSAE)
