@@ -13,10 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from conftest import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import tiny_model
 from saehook import TopKSAE
 from saehook.bench import autointerp as ai
 from saehook.bench.autointerp_examples import iw_windows, quiet_windows, top_windows, window_centers

@@ -214,7 +214,8 @@ def _default_docs(tokenizer, cfg: AutoInterpConfig) -> list[list[int]]:
     from ..corpus import bbc_news
 
     docs = bbc_news()[:cfg.n_docs]
-    return [ids[:cfg.llm_context_size] for d in docs if (ids := tokenizer(d.text)["input_ids"])]
+    ctx = cfg.llm_context_size
+    return [ids for d in docs if (ids := tokenizer(d.text, truncation=True, max_length=ctx)["input_ids"])]
 
 
 def _score_latent(ex: LatentExamples, tokenizer, cfg: AutoInterpConfig, explainer: Judge, scorer: Judge,
