@@ -71,9 +71,10 @@ class BatchTopKSAE(TopKSAE):
     """
 
     architecture = "batchtopk"
-    selects_over_batch = True
-    """Read by :class:`~saehook.SAETrainer`: under data parallelism it passes ``forward`` a ``gather_fn``, so that
-    the batch selection and the threshold are over every rank's rows."""
+    batch_coupled = True
+    """Read by :class:`~saehook.SAETrainer`: the training batch's rows depend on each other beyond the FVU (here
+    the selection), so under data parallelism it passes ``forward`` a ``gather_fn``, and the batch selection and the
+    threshold are over every rank's rows."""
 
     def __init__(self, d_in: int, n_latents: int, k: int, *, k_max: int | None = None, multi_topk: bool = False,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:

@@ -258,15 +258,24 @@ class JumpReLUSAE(TopKSAE):
             raise SAEConfigError(f"the cap k must be an integer in [1, n_latents={self.n_latents}], got {k!r}")
         self.k = k
 
+    @property
+    def batch_coupled(self) -> bool:
+        """Read by :class:`~saehook.SAETrainer`: with a ``target_l0`` the penalty is not a mean over rows, so under
+        data parallelism it passes ``forward`` a ``gather_fn`` (its ``mean L0`` is then every rank's)."""
+        return self.target_l0 is not None
+
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int | None = None,
-                matmul_dtype: torch.dtype | None = None, variance_fn=None) -> SAEOutput:
+                matmul_dtype: torch.dtype | None = None, variance_fn=None, gather_fn=None) -> SAEOutput:
         """``x [..., d_in] -> SAEOutput(x_hat [..., d_in], codes [..., k], fvu, penalty=...)``:
         the capped JumpReLU code, its reconstruction, the FVU in normalised units and
         ``penalty = sparsity_coef * mean L0`` (uncapped; ``sparsity_coef * (mean L0 / target_l0 - 1)^2`` with a
         ``target_l0``), both differentiable with the pseudo-derivatives of the
         module docstring. ``matmul_dtype`` (e.g. bfloat16) is the pre-activation matmul's dtype (codes then keep
-        its precision); ``variance_fn`` maps rows to the FVU denominator. ``dead_mask`` and ``k_aux`` are
-        accepted for the trainer and ignored. Dense: about three ``[N, n_latents]`` tensors."""
+        its precision); ``variance_fn`` maps rows to the FVU denominator. ``gather_fn`` (data parallelism, see
+        :func:`saehook.distributed.all_gather_rows_at`): the target-L0 penalty takes the value of every rank's mean
+        L0 and the gradient of this rank's (its share of the global penalty once the trainer sums the ranks'
+        ``penalty / world``). ``dead_mask`` and ``k_aux`` are accepted for the trainer and ignored. Dense: about
+        three ``[N, n_latents]`` tensors."""
         lead = x.shape[:-1]
         xn_lead, state = self.normalise(x)
         xn = xn_lead.reshape(-1, self.d_in)  # [N, d]
@@ -288,7 +297,12 @@ class JumpReLUSAE(TopKSAE):
             z = z * (keep | (z.detach() <= 0)).to(z.dtype)  # inactive entries keep their threshold gradient
         xn_hat = z @ self.W_dec + self.b_dec  # [N, d]
         main = fvu(xn, xn_hat, (variance_fn or total_variance)(xn))
-        l0 = StepFn.apply(pre, theta, self.bandwidth).sum(-1).mean()
+        l0 = StepFn.apply(pre, theta, self.bandwidth).sum(-1)  # [N], uncapped
+        if gather_fn is not None and self.target_l0 is not None:  # (L0 / T - 1)^2 of the global mean L0
+            every = gather_fn(l0.detach()[:, None])[0]
+            l0 = l0.mean() + (every.mean() - l0.mean()).detach()
+        else:
+            l0 = l0.mean()
         penalty = self.sparsity_coef * (l0 if self.target_l0 is None else (l0 / self.target_l0 - 1) ** 2)
         x_hat = self.unnormalise(xn_hat.reshape(*lead, self.d_in), state)
         codes = self.make_codes(z.gather(1, idx).reshape(*lead, k), idx.reshape(*lead, k), state)

@@ -171,7 +171,7 @@ class SAETrainer:
 
         if self.ddp is None:
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.sae, broadcast_buffers=False)
-        if getattr(self.sae, "selects_over_batch", False):  # BatchTopK: its selection spans every rank's rows
+        if getattr(self.sae, "batch_coupled", False):  # BatchTopK's selection, JumpReLU's target-L0 penalty
             kw["gather_fn"] = all_gather_rows_at
         return self.ddp(acts, variance_fn=global_variance, **kw)
 

@@ -1,6 +1,7 @@
 """Data parallelism for every variant: one 2-rank torchrun launch (gloo) trains BatchTopK, Matryoshka BatchTopK,
-JumpReLU, a skip-transcoder and a transcoder side by side (tests/scripts/dist_train.py --variants), against the same
-script in one process with the same global batches (512 rows = 2 ranks x 256)."""
+JumpReLU (with the paper's penalty, and with a target L0), a skip-transcoder and a transcoder side by side
+(tests/scripts/dist_train.py --variants), against the same script in one process with the same global batches
+(512 rows = 2 ranks x 256)."""
 
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -12,9 +13,10 @@ from test_distributed import assert_same, single, torchrun
 import saehook
 from saehook.plots import read_metrics
 
-NAMES = ["model.layers.0", "model.layers.1", "model.layers.2", "model.layers.1.mlp", "model.layers.3.mlp"]
+NAMES = ["model.layers.0", "model.layers.1", "model.layers.2", "model.layers.3", "model.layers.1.mlp",
+         "model.layers.3.mlp"]
 KINDS = {"model.layers.0": saehook.BatchTopKSAE, "model.layers.1": saehook.MatryoshkaBatchTopKSAE,
-         "model.layers.2": saehook.JumpReLUSAE}
+         "model.layers.2": saehook.JumpReLUSAE, "model.layers.3": saehook.JumpReLUSAE}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,9 @@ def test_ranks_hold_identical_autoencoders_and_disk_is_rank0(runs, name):
 def test_two_ranks_equal_one_process_with_twice_the_batch(runs, name):
     """BatchTopK selects its k x 512 activations over both ranks' rows (gathered), as one process does over its
     512: the weights and the threshold agree (measured: 1e-7). Before, each rank selected within its own 256 rows
-    and kept its own threshold: thresholds 0.044 apart between ranks, weights 0.05 from the one-process run."""
+    and kept its own threshold: thresholds 0.044 apart between ranks, weights 0.05 from the one-process run.
+    JumpReLU's target-L0 penalty (L0 / T - 1)^2 is taken at every rank's mean L0; before, each rank squared its
+    own and log_threshold ended 0.69 from the one-process run."""
     two = saehook.load(runs / "data2" / name).state_dict()
     one = saehook.load(runs / "ref1" / name).state_dict()
     assert_same(two, one, atol=1e-5)
@@ -58,6 +62,8 @@ def test_each_variant_trained(runs):
         assert rows[-1]["l0"] <= 4 + 1e-6 and rows[-1]["fvu"] < rows[0]["fvu"]
     jump = saehook.load(runs / "data2" / "model.layers.2")
     assert float((jump.log_threshold.detach() - math.log(0.5)).abs().max()) > 1e-3
+    target = read_metrics(runs / "data2")["model.layers.3"]
+    assert saehook.load(runs / "data2" / "model.layers.3").target_l0 == 4 and target[-1]["penalty"] > 0
     skip = saehook.load(runs / "data2" / "model.layers.1.mlp")
     assert float(skip.W_skip.abs().max()) > 0
     assert float(skip.output_scale) != 1.0  # fitted from the MLP's outputs

@@ -27,7 +27,8 @@ p.add_argument("--resume", action="store_true")
 p.add_argument("--layernorm", action="store_true", help="train LayerNormTopKSAE autoencoders")
 p.add_argument("--meta", action="store_true", help="attach autoencoders on the meta device (shard latents)")
 p.add_argument("--variants", action="store_true", help="one of each variant instead (--layers ignored): BatchTopK at "
-               "layer 0, Matryoshka at 1, JumpReLU at 2, a skip-transcoder of layer 1's MLP, a transcoder of layer 3's")
+               "layer 0, Matryoshka at 1, JumpReLU at 2 (and with target_l0 at 3), a skip-transcoder of layer 1's MLP, "
+               "a transcoder of layer 3's")
 args = p.parse_args()
 rank = int(os.environ.get("RANK", "0"))
 
@@ -51,7 +52,7 @@ if args.variants:
 
     saes = {0: saehook.BatchTopKSAE(32, 128, 4), 1: saehook.MatryoshkaBatchTopKSAE(32, 128, 4),
             2: saehook.JumpReLUSAE(32, 128, 16, threshold_init=0.5), "model.layers.1.mlp": SkipTranscoder(32, 128, 4),
-            "model.layers.3.mlp": Transcoder(32, 128, 4)}
+            "model.layers.3.mlp": Transcoder(32, 128, 4), 3: saehook.JumpReLUSAE(32, 128, 16, target_l0=4)}
 init = {layer: sae.W_enc.clone() for layer, sae in saes.items()}
 # A constant rate: the resume test extends a shorter run, which equals the long run only when the schedule does
 # not depend on the run's length (a decaying one is re-planned from the new length on resume). The scale and
