@@ -24,7 +24,7 @@ import torch
 import saehook
 from saehook.bench import run_suite
 from saehook.bench.absorption import AbsorptionConfig
-from saehook.bench.autointerp import AutointerpConfig
+from saehook.bench.autointerp import AutoInterpConfig
 from saehook.bench.results import metric_value, plot_against_l0
 from saehook.bench.sparse_probing import SparseProbingConfig
 
@@ -51,7 +51,7 @@ model, tok = saehook.load_model(dtype=torch.float32)
 key = args.layer
 configs = {"absorption": AbsorptionConfig(max_words=args.max_words),
            "sparse_probing": SparseProbingConfig(max_documents_per_label=args.docs_per_label),
-           "autointerp": AutointerpConfig(n_latents=args.autointerp_latents, n_docs=args.autointerp_docs)}
+           "autointerp": AutoInterpConfig(n_latents=args.autointerp_latents, n_docs=args.autointerp_docs)}
 cache = args.cache_dir or args.out / "cache"
 summary = {"configs": {k: dataclasses.asdict(v) for k, v in configs.items()}, "dictionaries": {}}
 records: dict[str, dict[str, dict]] = {}
