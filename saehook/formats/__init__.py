@@ -5,7 +5,7 @@
 - :func:`load_sparsify`, :func:`load_sparsify_dir`, :func:`save_sparsify`: sparsify's layout.
 - :func:`load_saelens`, :func:`save_saelens`: SAELens's layout.
 - :func:`load_openai`: OpenAI's released ``.pt`` state dicts (read with a weights-only unpickler).
-- :mod:`saehook.formats.dictionary_learning`: its ``ae.pt`` runs are recognised and refused (pickles);
+- ``saehook.formats.dictionary_learning``: its ``ae.pt`` runs are recognised and refused (pickles);
   ``from_state_dict`` converts a state dict you unpickled.
 - :class:`LayerNormTopKSAE`: a :class:`~saehook.TopKSAE` with OpenAI's per-row layer-norm preprocessing.
 

@@ -19,7 +19,7 @@ from .openai import is_torch_file, load_openai
 
 FORMATS = ("saehook", "saehook-layernorm", "sparsify", "saelens", "openai", "dictionary_learning")
 """The single-autoencoder formats :func:`detect_format` recognises; :func:`load` reads them all but
-``dictionary_learning`` (a pickle: refused, with how to convert it; :mod:`saehook.formats.dictionary_learning`)."""
+``dictionary_learning`` (a pickle: refused, with how to convert it; ``saehook.formats.dictionary_learning``)."""
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SKIP_DIRS = {"checkpoints"}  # saehook training keeps copies of every hookpoint there
 MAX_DEPTH = 3
