@@ -34,6 +34,9 @@ p.add_argument("--sae", action="append", required=True, metavar="NAME=PATH",
 p.add_argument("--layer", type=int, default=20)
 p.add_argument("--suites", default="sparse_probing,absorption,autointerp")
 p.add_argument("--max-words", type=int, default=1500, help="absorption: first-letter words (SAEBench: all)")
+p.add_argument("--min-letters", type=int, default=20,
+               help="absorption: letters whose probe passes F1 0.6 needed for a score (SAEBench's min_feats_for_eval, 20; "
+                    "SmolLM2-135M's layer 20 passes 15 at 1,500 words)")
 p.add_argument("--docs-per-label", type=int, default=100, help="sparse probing: BBC documents per topic")
 p.add_argument("--autointerp-latents", type=int, default=30, help="autointerp: latents scored per dictionary")
 p.add_argument("--autointerp-docs", type=int, default=400, help="autointerp: windows searched for examples")
@@ -49,7 +52,7 @@ def log(msg: str) -> None:
 torch.manual_seed(0)
 model, tok = saehook.load_model(dtype=torch.float32)
 key = args.layer
-configs = {"absorption": AbsorptionConfig(max_words=args.max_words),
+configs = {"absorption": AbsorptionConfig(max_words=args.max_words, min_feats_for_eval=args.min_letters),
            "sparse_probing": SparseProbingConfig(max_documents_per_label=args.docs_per_label),
            "autointerp": AutoInterpConfig(n_latents=args.autointerp_latents, n_docs=args.autointerp_docs)}
 cache = args.cache_dir or args.out / "cache"
