@@ -35,8 +35,8 @@ p.add_argument("--layer", type=int, default=20)
 p.add_argument("--suites", default="sparse_probing,absorption,autointerp")
 p.add_argument("--max-words", type=int, default=1500, help="absorption: first-letter words (SAEBench: all)")
 p.add_argument("--min-letters", type=int, default=20,
-               help="absorption: letters whose probe passes F1 0.6 needed for a score (SAEBench's min_feats_for_eval, 20; "
-                    "SmolLM2-135M's layer 20 passes 15 at 1,500 words)")
+               help="absorption: letters whose probe passes F1 0.6 needed for a score (SAEBench's "
+                    "min_feats_for_eval, 20; SmolLM2-135M's layer 20 passes 15 at 1,500 words)")
 p.add_argument("--docs-per-label", type=int, default=100, help="sparse probing: BBC documents per topic")
 p.add_argument("--autointerp-latents", type=int, default=30, help="autointerp: latents scored per dictionary")
 p.add_argument("--autointerp-docs", type=int, default=400, help="autointerp: windows searched for examples")
