@@ -316,6 +316,20 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-documents-per-label", type=int, default=None,
                    help="sparse_probing: keep at most this many documents of each label (SparseProbingConfig; "
                         "default all: 2,225 BBC News documents, 285k tokens to collect once)")
+    p.add_argument("--absorption-words", type=int, default=None,
+                   help="absorption: first-letter words to prompt (AbsorptionConfig.max_words; default 5,000, about "
+                        "410k tokens on SmolLM2)")
+    p.add_argument("--autointerp-latents", type=int, default=None,
+                   help="autointerp: latents to explain and score (AutoInterpConfig.n_latents; default 100)")
+    p.add_argument("--autointerp-docs", type=int, default=None,
+                   help="autointerp: BBC News articles searched for each latent's windows (AutoInterpConfig.n_docs; "
+                        "default all 2,225, 128 tokens each)")
+    p.add_argument("--judge-url", default=None,
+                   help="autointerp: an OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) for the explainer "
+                        "and scorer; the key from $OPENAI_API_KEY (default: the local --judge-model)")
+    p.add_argument("--judge-model", default=None,
+                   help="autointerp: a local transformers model name or path, or the served model's name with "
+                        "--judge-url (default: the embedded SmolLM2-135M-Instruct, a weak judge)")
 
 
 def _eval_suites(text: str) -> tuple[bool, list[str]]:
@@ -341,6 +355,17 @@ def _run_bench(args, model, tok, saes, suites: list[str]) -> dict:
     probing = {"source": args.labelled, "max_documents_per_label": args.max_documents_per_label}
     probing = {k: v for k, v in probing.items() if v is not None}
     configs = {"sparse_probing": SparseProbingConfig(**probing)} if probing else {}
+    if args.absorption_words is not None:
+        from .bench.absorption import AbsorptionConfig
+
+        configs["absorption"] = AbsorptionConfig(max_words=args.absorption_words)
+    interp = {"n_latents": args.autointerp_latents, "n_docs": args.autointerp_docs, "judge_url": args.judge_url,
+              "judge_model": args.judge_model}
+    interp = {k: v for k, v in interp.items() if v is not None}
+    if interp:
+        from .bench.autointerp import AutoInterpConfig
+
+        configs["autointerp"] = AutoInterpConfig(**interp)
     t0 = time.perf_counter()
     results = run_suite(model, saes, suites, tokenizer=tok, cache_dir=args.cache_dir, out=out, name=run_dir.name,
                         configs=configs, progress=not args.no_progress)

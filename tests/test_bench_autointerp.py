@@ -232,3 +232,26 @@ def test_rendering_prompts_and_parsing():
     with pytest.raises(ValueError, match="distinct first tokens for yes"):
         raw = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
         LocalLM(tiny_model("llama", layers=1), PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>"))
+
+
+def test_cli_flags_reach_the_autointerp_config(setup, tmp_path, capsys):
+    """``saehook eval --suite autointerp --judge-url ... --judge-model ... --autointerp-latents/-docs`` builds the
+    metric's config from its flags: the record names the endpoint's judge and the sizes asked for."""
+    from saehook.bench.results import read_results
+    from saehook.cli import main
+
+    model, tok, saes = setup
+    run = tmp_path / "run"
+    model.save_pretrained(run / "model")
+    tok.save_pretrained(run / "model")
+    sae = saes[HOOK]
+    sae.metadata["hookpoint"] = HOOK
+    sae.save(run / HOOK)
+    url = "http://127.0.0.1:9/v1"  # never called: BBC News is all <unk> to this tokenizer, so no latent fires
+    assert main(["eval", "--sae", str(run / HOOK), "--model", str(run / "model"), "--suite", "autointerp",
+                 "--judge-url", url, "--judge-model", "judge-1", "--autointerp-latents", "2", "--autointerp-docs", "12",
+                 "--no-progress"]) == 0
+    assert "autointerp model.embed_tokens" in capsys.readouterr().out
+    (rec,) = read_results(run / "saebench", "autointerp").values()
+    assert rec["eval_config"]["saehook_scorer"] == f"openai:judge-1@{url}"
+    assert rec["eval_config"]["n_latents"] == 2 and rec["eval_config"]["n_docs"] == 12
