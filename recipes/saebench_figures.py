@@ -28,6 +28,8 @@ from saehook.bench.autointerp import AutoInterpConfig
 from saehook.bench.results import metric_value, plot_against_l0
 from saehook.bench.sparse_probing import SparseProbingConfig
 
+EVAL_TYPE = {"sparse_probing": "sparse_probing", "absorption": "absorption_first_letter", "autointerp": "autointerp"}
+
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--sae", action="append", required=True, metavar="NAME=PATH",
                help="a dictionary folder (cfg.json + safetensors) and its label; repeat for several")
@@ -42,6 +44,9 @@ p.add_argument("--autointerp-latents", type=int, default=30, help="autointerp: l
 p.add_argument("--autointerp-docs", type=int, default=400, help="autointerp: windows searched for examples")
 p.add_argument("--cache-dir", type=Path, default=None, help="activation cache (default <out>/cache)")
 p.add_argument("--out", type=Path, default=Path("runs/saebench"))
+p.add_argument("--tag", default="", help="suffix of table / summary / plot file names (several views of one --out)")
+p.add_argument("--rerun", action="store_true", help="run every metric again (default: read back the JSON a metric "
+               "already wrote for that dictionary, so an interrupted run continues where it stopped)")
 args = p.parse_args()
 
 
@@ -63,7 +68,14 @@ for spec in args.sae:
     sae = saehook.load(path)
     log(f"{name}: {type(sae).__name__} n={sae.n_latents} k={sae.k} from {path}")
     row = {"path": path, "n_latents": sae.n_latents, "k": sae.k}
-    for suite in [s.strip() for s in args.suites.split(",")]:
+    for suite in [s.strip() for s in args.suites.split(",") if s.strip()]:
+        done = args.out / EVAL_TYPE[suite] / f"{name}_layer{key}_eval_results.json"
+        if done.exists() and not args.rerun:  # a finished metric of this dictionary is read back, not rerun
+            res = json.loads(done.read_text())
+            row[f"{suite}_wall_s"] = round(res.get("saehook_wall_seconds") or res.get("wall_seconds") or 0, 1)
+            records.setdefault(suite, {})[name] = res
+            log(f"  {suite}: read back {done}")
+            continue
         t0 = time.perf_counter()
         res = run_suite(model, {key: sae}, suite, tokenizer=tok, cache_dir=cache, out=args.out, name=name,
                         configs=configs)[suite][key]
@@ -88,7 +100,7 @@ for suite, per_name in records.items():
         summary["dictionaries"][name]["l0"] = l0.get(name) or rec.get("saehook_l0")
     for metric in HEADLINE.get(suite, [])[:2]:
         try:
-            plot_against_l0(per_name, metric, args.out / f"{suite}-{metric}.png",
+            plot_against_l0(per_name, metric, args.out / f"{suite}-{metric}{args.tag}.png",
                             l0={n: summary["dictionaries"][n]["l0"] for n in per_name},
                             title=f"SmolLM2-135M layer {args.layer}: {metric}")
         except (KeyError, ValueError) as e:
@@ -104,7 +116,7 @@ for name, row in summary["dictionaries"].items():
         cells.append("" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
 args.out.mkdir(parents=True, exist_ok=True)
-(args.out / "table.md").write_text("\n".join(lines) + "\n")
-(args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+(args.out / f"table{args.tag}.md").write_text("\n".join(lines) + "\n")
+(args.out / f"summary{args.tag}.json").write_text(json.dumps(summary, indent=1, default=str))
 print("\n".join(lines))
 log(f"wrote {args.out}/table.md, summary.json and the plots")
