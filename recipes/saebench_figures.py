@@ -102,6 +102,7 @@ for suite, per_name in records.items():
         try:
             plot_against_l0(per_name, metric, args.out / f"{suite}-{metric}{args.tag}.png",
                             l0={n: summary["dictionaries"][n]["l0"] for n in per_name},
+                            groups={n: n.rsplit("-", 1)[0] if "-" in n else n for n in per_name},
                             title=f"SmolLM2-135M layer {args.layer}: {metric}")
         except (KeyError, ValueError) as e:
             log(f"no plot of {metric}: {e}")

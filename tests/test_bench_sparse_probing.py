@@ -163,6 +163,9 @@ def test_run_suite_writes_saebench_json_plots_and_the_cli_runs_it(tmp_path, caps
     assert 0 < rec["saehook_l0"] <= 4
     png = plot_against_l0(written, "sae_top_1_test_accuracy", tmp_path / "probe.png")
     assert png.stat().st_size > 1000
+    png = plot_against_l0(written, "sae_top_1_test_accuracy", tmp_path / "probe-grouped.png",
+                          groups={"planted_layer0": "family", "random_layer0": "family"})
+    assert png.stat().st_size > 1000
     with pytest.raises(ValueError, match="unknown benchmark suite"):
         parse_suites("sparse_probing,bogus")
 

@@ -87,7 +87,8 @@ def metric_value(record: Mapping, metric: str) -> float | None:
 
 
 def plot_against_l0(results: Mapping[str, Mapping], metric: str | list[str], out: str | Path, *,
-                    l0: Mapping[str, float] | None = None, title: str = "") -> Path:
+                    l0: Mapping[str, float] | None = None, groups: Mapping[str, str] | None = None,
+                    title: str = "") -> Path:
     """One point per dictionary: ``metric`` (one name or several, one series each) against its L0, log x axis.
 
     Args:
@@ -95,6 +96,8 @@ def plot_against_l0(results: Mapping[str, Mapping], metric: str | list[str], out
         metric: a name in ``eval_result_metrics`` (see :func:`metric_value`). A ``sae_*`` metric whose ``llm_*``
             twin exists gets that baseline as a dashed line (the model's own activations).
         l0: ``{label: L0}``; default each record's ``saehook_l0``.
+        groups: ``{label: family}``: the dictionaries of a family are joined by a line in L0 order, one colour
+            each (e.g. a variant at several k); default none: separate markers.
     Raises ``ValueError`` when a dictionary has no L0. Writes a PNG to ``out`` and returns its path.
     """
     from ..plots import pyplot, save_figure
@@ -110,7 +113,13 @@ def plot_against_l0(results: Mapping[str, Mapping], metric: str | list[str], out
         xs[label] = x
     for m in metrics:
         pts = sorted((xs[lab], metric_value(rec, m), lab) for lab, rec in results.items())
-        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
+        if groups is None:  # separate dictionaries: markers only (a line would suggest one family)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=m)
+        else:  # one line per group, in L0 order
+            for g in dict.fromkeys(groups.get(p[2], p[2]) for p in pts):
+                gp = [p for p in pts if groups.get(p[2], p[2]) == g]
+                line, = ax.plot([p[0] for p in gp], [p[1] for p in gp], "o-",
+                                label=g if len(metrics) == 1 else f"{g}: {m}")
         for x, y, lab in pts:
             ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         name = m.split(".")[-1]
