@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from test_cli import local_model  # noqa: F401  (a saved tiny model + text folder)
 from test_distributed import assert_same, single, torchrun
 
 import saehook
@@ -68,3 +69,25 @@ def test_each_variant_trained(runs):
     assert float(skip.W_skip.abs().max()) > 0
     assert float(skip.output_scale) != 1.0  # fitted from the MLP's outputs
     assert torch.isfinite(torch.tensor([m["fvu"] for m in read_metrics(runs / "data2")["model.layers.3.mlp"]])).all()
+
+
+def test_cli_trains_a_variant_under_torchrun(local_model, tmp_path):  # noqa: F811  (the fixture)
+    """`torchrun -m saehook train --architecture matryoshka_batchtopk` on a tiny local model: both ranks finish and
+    the run folder holds the variant with a fitted inference threshold (the same command as one process reads other
+    windows per step, so its weights are not expected to be equal)."""
+    import subprocess
+    import sys
+
+    from test_distributed import ENV
+
+    path, text = local_model
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "saehook",
+           "train", "--model", str(path), "--corpus", str(text), "--architecture", "matryoshka_batchtopk",
+           "--layers", "1", "--latents", "64", "--k", "4", "--tokens", "2k", "--batch-tokens", "256", "--context",
+           "16", "--batch-size", "4", "--shuffle-buffer", "0", "--dtype", "float32", "--no-progress",
+           "--out", str(tmp_path / "two")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    sae = saehook.load(tmp_path / "two" / "model.layers.1")
+    assert type(sae) is saehook.MatryoshkaBatchTopKSAE and float(sae.threshold) > 0
+    assert all(torch.isfinite(t).all() for t in sae.state_dict().values())
